@@ -1,0 +1,1 @@
+"""Cell harness: spec, workloads, metrics, result schema and the `run-cell` entry point."""

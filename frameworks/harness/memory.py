@@ -1,0 +1,69 @@
+"""Peak memory during a measured run.
+
+GPU: the allocator's peak (torch.cuda.max_memory_allocated) and the device-level memory in use,
+sampled from a thread (NVML through torch when present, else cudaMemGetInfo) — the latter also
+sees memory that other allocators (vLLM's, NCCL, CUDA context) hold. CPU: process RSS, sampled.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+
+GB = 1e9
+
+
+class MemoryMonitor:
+    def __init__(self, device: str, interval_s: float = 0.01):
+        self.device = device
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.peak_rss = 0
+        self.peak_device_used = 0
+        self._proc = psutil.Process()
+
+    def _device_used(self) -> int:
+        import torch
+
+        try:
+            return int(torch.cuda.device_memory_used())
+        except Exception:  # no NVML: fall back to the CUDA runtime's view
+            free, total = torch.cuda.mem_get_info()
+            return int(total - free)
+
+    def _sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+        if self.device == "cuda":
+            self.peak_device_used = max(self.peak_device_used, self._device_used())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> MemoryMonitor:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self._sample()
+
+    def result(self) -> dict:
+        out = {"peak_rss_gb": self.peak_rss / GB, "peak_gpu_mem_gb": None, "peak_device_mem_gb": None}
+        if self.device == "cuda":
+            import torch
+
+            out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / GB
+            out["peak_device_mem_gb"] = self.peak_device_used / GB
+        return out

@@ -1,0 +1,148 @@
+"""The cell spec: one point of one experiment, and its stable, readable id."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from frameworks import registry
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class SpecError(ValueError):
+    """A cell that cannot run as specified (bad key, bad value, impossible combination)."""
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    experiment: str
+    framework: str
+    model: str
+    batch_size: int = 1  # offline: the batch; request-rate cells: the largest batch
+    prompt_len: int = 512  # exact prompt tokens per request
+    gen_len: int = 32  # exact generated tokens per request
+    kv_budget: float = 1.0  # fraction of the sequence whose KV the GPU keeps (1.0 = full)
+    prefill: str = "sdpa"  # eager | sdpa | flash | chunked
+    chunk_size: int = 2048  # tokens per prefill chunk (prefill=chunked)
+    request_rate: float | None = None  # req/s (inf: all at once); None: one offline batch
+    num_requests: int | None = None  # request-rate cells only
+    burstiness: float = 1.0  # gamma shape of inter-arrival times (1.0 = Poisson)
+    policy: dict = field(default_factory=dict)  # framework-specific knobs
+    repetitions: int = 1
+    warmup: int = 1
+    seed: int = 0
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    weights: str = "random"  # random | local path | hub id
+    timeout_s: float = 3600.0
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> CellSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpecError(f"unknown cell parameter(s) {unknown}; known: {sorted(known)}")
+        spec = cls(**d)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def from_json(cls, text: str) -> CellSpec:
+        return cls.from_dict(json.loads(text))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    # -- derived ------------------------------------------------------------------------
+    @property
+    def is_rate_cell(self) -> bool:
+        return self.request_rate is not None
+
+    @property
+    def n_requests(self) -> int:
+        return self.num_requests if self.is_rate_cell else self.batch_size
+
+    @property
+    def cell_id(self) -> str:
+        """Readable and stable: every axis that can vary, in a fixed order."""
+        parts = [
+            f"bs{self.batch_size}",
+            f"in{self.prompt_len}",
+            f"out{self.gen_len}",
+            f"kv{_fmt(self.kv_budget)}",
+            self.prefill + (str(self.chunk_size) if self.prefill == "chunked" else ""),
+        ]
+        if self.is_rate_cell:
+            parts.append(f"rate{_fmt(self.request_rate)}-n{self.num_requests}")
+            if self.burstiness != 1.0:
+                parts.append(f"burst{_fmt(self.burstiness)}")
+        parts += [f"{k}{_fmt(v)}" for k, v in sorted(self.policy.items())]
+        if self.seed:
+            parts.append(f"seed{self.seed}")
+        return "_".join(parts)
+
+    @property
+    def rel_path(self) -> str:
+        return f"results/cells/{self.experiment}/{self.framework}/{self.model}/{self.cell_id}.json"
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self, max_context: int | None = None) -> None:
+        """Raise SpecError naming the problem. max_context: the model's, when known."""
+        fw = _check(lambda: registry.get(self.framework))
+        where = f"cell {self.experiment}/{self.framework}/{self.model}/{self.cell_id}"
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise SpecError(f"{where}: {msg}")
+
+        for name in ("batch_size", "prompt_len", "gen_len", "chunk_size", "repetitions"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        need(isinstance(self.warmup, int) and self.warmup >= 0, f"warmup must be an integer >= 0, got {self.warmup!r}")
+        need(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        need(
+            isinstance(self.kv_budget, (int, float)) and 0 < self.kv_budget <= 1,
+            f"kv_budget must be in (0, 1], got {self.kv_budget!r}",
+        )
+        need(self.prefill in registry.PREFILL_MODES, f"prefill must be one of {registry.PREFILL_MODES}, got {self.prefill!r}")
+        need(self.prefill in fw.prefill_modes, f"framework {fw.name} supports prefill {fw.prefill_modes}, not {self.prefill!r}")
+        need(not fw.full_cache_only or self.kv_budget == 1.0, f"framework {fw.name} keeps the full KV cache: kv_budget must be 1.0")
+        unknown = sorted(set(self.policy) - fw.policy_keys)
+        need(not unknown, f"unknown policy key(s) {unknown} for {fw.name}; allowed: {sorted(fw.policy_keys)}")
+        need(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if self.is_rate_cell:
+            need(self.request_rate > 0, f"request_rate must be > 0 (or inf), got {self.request_rate!r}")
+            need(isinstance(self.num_requests, int) and self.num_requests >= 1, "request-rate cells need num_requests >= 1")
+            need(self.burstiness > 0, f"burstiness must be > 0, got {self.burstiness!r}")
+        else:
+            need(self.num_requests in (None, self.batch_size), "num_requests applies to request-rate cells only")
+        if max_context is not None:
+            # the last generated token is never fed back, so it needs no position
+            need(
+                self.prompt_len + self.gen_len - 1 <= max_context,
+                f"prompt_len {self.prompt_len} + gen_len {self.gen_len} exceeds the model's context of {max_context} tokens",
+            )
+
+
+def _check(fn):
+    try:
+        return fn()
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:g}"
+    return str(v)

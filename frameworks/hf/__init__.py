@@ -1,0 +1,1 @@
+"""The transformers engine: batched prefill and decode with a pluggable KV policy."""

@@ -1,0 +1,68 @@
+"""The frameworks the artifact knows: what each accepts, where its adapter lives.
+
+Torch-free on purpose: the host-side workflow imports it to validate configs before any
+cell runs. An adapter module exposes ``run(spec) -> Measurement`` (frameworks.harness.result).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Framework:
+    name: str
+    adapter: str  # module with run(spec)
+    description: str
+    full_cache_only: bool  # True: kv_budget must be 1.0
+    prefill_modes: tuple[str, ...]
+    policy_keys: frozenset[str] = field(default_factory=frozenset)
+
+
+PREFILL_MODES = ("eager", "sdpa", "flash", "chunked")
+
+FRAMEWORKS: dict[str, Framework] = {
+    f.name: f
+    for f in (
+        Framework(
+            name="hf",
+            adapter="frameworks.hf.adapter",
+            description="transformers engine, full KV cache on the GPU (baseline of the KV policies)",
+            full_cache_only=True,
+            prefill_modes=PREFILL_MODES,
+        ),
+        Framework(
+            name="h2o",
+            adapter="frameworks.h2o.adapter",
+            description="H2O heavy-hitter eviction on the transformers engine",
+            full_cache_only=False,
+            prefill_modes=("eager", "chunked"),
+            policy_keys=frozenset({"heavy_ratio", "recent_ratio", "heavy_size", "recent_size"}),
+        ),
+        Framework(
+            name="infinigen",
+            adapter="frameworks.infinigen.adapter",
+            description="InfiniGen: KV cache in CPU memory, speculative prefetch",
+            full_cache_only=False,
+            prefill_modes=("eager", "flash", "chunked"),
+            policy_keys=frozenset({"alpha", "partial_weight_ratio", "max_num_kv", "full_layers"}),
+        ),
+        Framework(
+            name="vllm",
+            adapter="frameworks.vllm.adapter",
+            description="vLLM (PagedAttention, continuous batching)",
+            full_cache_only=True,
+            prefill_modes=("flash", "chunked"),
+            policy_keys=frozenset(
+                {"gpu_memory_utilization", "num_gpu_blocks", "kv_cache_memory_bytes", "enforce_eager", "max_num_seqs"}
+            ),
+        ),
+    )
+}
+
+
+def get(name: str) -> Framework:
+    try:
+        return FRAMEWORKS[name]
+    except KeyError:
+        raise ValueError(f"unknown framework {name!r}; known: {', '.join(FRAMEWORKS)}") from None
