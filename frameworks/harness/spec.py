@@ -46,6 +46,8 @@ class CellSpec:
         unknown = sorted(set(d) - known)
         if unknown:
             raise SpecError(f"unknown cell parameter(s) {unknown}; known: {sorted(known)}")
+        if d.get("request_rate") == "inf":  # strict JSON has no infinity
+            d = {**d, "request_rate": math.inf}
         spec = cls(**d)
         spec.validate()
         return spec
@@ -55,7 +57,10 @@ class CellSpec:
         return cls.from_dict(json.loads(text))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["request_rate"] is not None and math.isinf(d["request_rate"]):
+            d["request_rate"] = "inf"
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

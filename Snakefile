@@ -1,0 +1,21 @@
+# kvstudy: KV cache management strategies for LLM inference (arXiv 2604.05012).
+# config -> cell table -> one job per cell -> results/cells/**.json -> tables -> figures.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/cells.smk"
+include: "workflow/rules/tables.smk"
+include: "workflow/rules/figures.smk"
+
+
+# Default target: every table and figure of the selected preset.
+rule all:
+    default_target: True
+    input:
+        get_all_targets(),

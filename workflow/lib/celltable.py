@@ -1,0 +1,140 @@
+"""The one place that turns the config and its preset into experiment cells.
+
+Everything a cell could get wrong is checked here, before any cell runs: unknown preset,
+framework, model or key, wrong types, impossible cells (prompt longer than the model's
+context, budget outside (0, 1], prefill mode a framework lacks, duplicate cells).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from frameworks import models, registry
+from frameworks.harness.spec import CellSpec, SpecError
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = REPO / "config" / "presets"
+SCHEMAS = REPO / "workflow" / "schemas"
+
+
+class ConfigError(ValueError):
+    """The configuration or preset cannot be run; the message says what and where."""
+
+
+def _schema_check(doc: dict, schema_file: str, what: str) -> None:
+    schema = yaml.safe_load((SCHEMAS / schema_file).read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors[:10]:
+            where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+            msg = e.message
+            if e.validator == "additionalProperties" or e.validator == "propertyNames":
+                msg = f"unknown key: {e.message}"
+            lines.append(f"  {where}: {msg}")
+        raise ConfigError(f"invalid {what}:\n" + "\n".join(lines))
+
+
+def validate_config(config: dict) -> None:
+    _schema_check(config, "config.schema.yaml", "config (config/config.yaml or --config)")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}: no file {path.relative_to(REPO)}; known presets: {', '.join(preset_names())}")
+    try:
+        preset = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path.relative_to(REPO)} is not valid YAML: {e}") from None
+    _schema_check(preset, "preset.schema.yaml", f"preset {path.relative_to(REPO)}")
+    return preset
+
+
+def _merge(*dicts: dict) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in (d or {}).items():
+            out[k] = ({**out.get(k, {}), **v} if k == "policy" else v)
+    return out
+
+
+def build_cells(config: dict, preset: dict) -> dict[str, CellSpec]:
+    """All cells selected by the config, keyed by their result path."""
+    validate_config(config)
+    fw_filter, model_filter, exp_filter = (set(config.get(k) or []) for k in ("frameworks", "models", "experiments"))
+    for f in fw_filter - set(preset["frameworks"]):
+        raise ConfigError(f"config frameworks: {f!r} is not in preset {config['preset']!r} (it has {sorted(preset['frameworks'])})")
+    for e in exp_filter - set(preset["experiments"]):
+        raise ConfigError(f"config experiments: {e!r} is not in preset {config['preset']!r} (it has {sorted(preset['experiments'])})")
+    for m in model_filter:
+        _known_model(m, "config models")
+
+    cells: dict[str, CellSpec] = {}
+    for exp_name, exp in preset["experiments"].items():
+        if exp_filter and exp_name not in exp_filter:
+            continue
+        exp_fws = exp.get("frameworks") or list(preset["frameworks"])
+        for fw in exp_fws:
+            if fw not in preset["frameworks"]:
+                raise ConfigError(f"experiment {exp_name}: framework {fw!r} is not declared under the preset's frameworks")
+        for fw in set(exp.get("per_framework") or {}) - set(exp_fws):
+            raise ConfigError(f"experiment {exp_name}: per_framework names {fw!r}, which the experiment does not run")
+        for fw in exp_fws:
+            if fw_filter and fw not in fw_filter:
+                continue
+            over = (exp.get("per_framework") or {}).get(fw, {})
+            params = _merge(preset["defaults"], preset["frameworks"][fw].get("params"), exp.get("params"), over.get("params"))
+            sweep = {**(exp.get("sweep") or {}), **(over.get("sweep") or {})}
+            for model in over.get("models") or exp["models"]:
+                if model_filter and model not in model_filter:
+                    continue
+                _known_model(model, f"experiment {exp_name}")
+                if not models.supports(model, fw):
+                    raise ConfigError(f"experiment {exp_name}: framework {fw} does not support model {model} "
+                                      f"(registry: {models.entry(model)['frameworks']})")
+                for point in itertools.product(*sweep.values()):
+                    d = {**params, **dict(zip(sweep, point)), "experiment": exp_name, "framework": fw, "model": model,
+                         "device": preset["device"], "dtype": preset["dtype"]}
+                    spec = _spec(d, exp_name)
+                    if spec.rel_path in cells:
+                        raise ConfigError(f"experiment {exp_name}: two cells share the id {spec.cell_id} ({fw}, {model}); "
+                                          "make the sweep values distinct")
+                    cells[spec.rel_path] = spec
+    if not cells:
+        raise ConfigError("the config selects no cell: check the frameworks / models / experiments filters")
+    return cells
+
+
+def _known_model(name: str, where: str) -> None:
+    try:
+        models.entry(name)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _spec(d: dict, exp_name: str) -> CellSpec:
+    try:
+        if isinstance(d.get("kv_budget"), int):
+            d["kv_budget"] = float(d["kv_budget"])
+        if isinstance(d.get("request_rate"), int):
+            d["request_rate"] = float(d["request_rate"])
+        spec = CellSpec.from_dict(d)
+        spec.validate(max_context=models.max_context(spec.model))
+        registry.get(spec.framework)
+        return spec
+    except (SpecError, TypeError, ValueError) as e:
+        raise ConfigError(f"experiment {exp_name}: {e}") from None
+
+
+def cells_from_config(config: dict) -> dict[str, CellSpec]:
+    validate_config(config)
+    return build_cells(config, load_preset(config["preset"]))

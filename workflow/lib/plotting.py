@@ -1,0 +1,96 @@
+"""What every figure shares: colours per framework, OOM markers, axis labels, saving."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+# the same colour for a framework in every figure
+COLORS = {"vllm": "#1f77b4", "hf": "#7f7f7f", "h2o": "#d62728", "infinigen": "#2ca02c"}
+LABELS = {"vllm": "vLLM", "hf": "HF full cache", "h2o": "H2O", "infinigen": "InfiniGen"}
+LINESTYLES = {"eager": ":", "sdpa": "-", "flash": "-", "chunked": "--"}
+MARKERS = {"eager": "s", "sdpa": "o", "flash": "o", "chunked": "^"}
+FAILED = {"oom": "OOM", "timeout": "timeout", "unsupported": "unsupported"}
+
+plt.rcParams.update({"figure.dpi": 150, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
+                     "legend.fontsize": 7, "savefig.bbox": "tight"})
+
+
+def load(path: str) -> pd.DataFrame:
+    df = pd.read_csv(path)
+    # memory axis: GPU allocator peak on GPU runs, process RSS on CPU runs (said in the label)
+    df["mem_gb"] = df["peak_gpu_mem_gb"].where(df["peak_gpu_mem_gb"].notna(), df["peak_rss_gb"])
+    return df
+
+
+def mem_label(df: pd.DataFrame) -> str:
+    gpu = df["peak_gpu_mem_gb"].notna().any()
+    return "peak GPU memory (GB)" if gpu else "peak process RSS (GB, CPU run)"
+
+
+def per_gb_label(df: pd.DataFrame) -> str:
+    gpu = df["peak_gpu_mem_gb"].notna().any()
+    return "output tok/s per GB of peak GPU memory" if gpu else "output tok/s per GB of peak RSS (CPU run)"
+
+
+def series_label(fw: str, extra: str | None = None) -> str:
+    return LABELS.get(fw, fw) + (f" ({extra})" if extra else "")
+
+
+def lines(ax, df: pd.DataFrame, x: str, y: str, by: tuple[str, ...] = ("framework",)) -> None:
+    """One line per group over x; cells that did not produce a number (OOM, timeout) are marked
+    with an x at the top edge of the axis at their x, labelled by status."""
+    for key, g in df.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        fw = key[0]
+        style = key[1] if len(key) > 1 else None
+        g = g.sort_values(x)
+        ok = g[(g["status"] == "ok") & g[y].notna()]
+        ax.plot(ok[x], ok[y], color=COLORS.get(fw), linestyle=LINESTYLES.get(style, "-"),
+                marker=MARKERS.get(style, "o"), markersize=4, label=series_label(fw, style))
+    mark_failed(ax, df, x)
+
+
+def mark_failed(ax, df: pd.DataFrame, x: str) -> None:
+    bad = df[df["status"].isin(list(FAILED))]
+    if bad.empty:
+        return
+    ax.figure.canvas.draw()  # fix limits first so markers sit on the top edge
+    top = ax.get_ylim()[1]
+    for _, r in bad.iterrows():
+        ax.plot([r[x]], [top], marker="x", color=COLORS.get(r["framework"]), markersize=8, clip_on=False,
+                linestyle="none")
+        ax.annotate(FAILED[r["status"]], (r[x], top), textcoords="offset points", xytext=(0, 4), ha="center",
+                    fontsize=6, color=COLORS.get(r["framework"]))
+    ax.set_ylim(top=top)
+
+
+def by_model(df: pd.DataFrame, ncols_max: int = 3, height: float = 3.0):
+    """One panel per model (most figures have a single model)."""
+    model_names = list(dict.fromkeys(df["model"]))
+    n = max(1, len(model_names))
+    cols = min(n, ncols_max)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(zip(model_names, axes.flat))
+
+
+def save(fig, outputs) -> None:
+    for path in (outputs.pdf, outputs.png):
+        fig.savefig(path)
+    plt.close(fig)
+
+
+def finish(ax, title: str | None = None) -> None:
+    if title:
+        ax.set_title(title)
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend()

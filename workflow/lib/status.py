@@ -1,0 +1,75 @@
+"""List the cells that did not measure (failed, oom, timeout, unsupported, pending) with the
+command that reruns each.
+
+    python -m workflow.lib.status [--config preset=smoke frameworks='[hf]'] [--all]
+
+Reads the same config as the Snakefile (config/config.yaml, overridden by --config KEY=VALUE,
+values in YAML) and the result files; runs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from frameworks.harness import result as cell_result
+from workflow.lib import celltable
+
+REPO = celltable.REPO
+
+
+def cell_states(config: dict) -> list[tuple[str, str, str]]:
+    """(path, state, message) for every cell; state: a result status, 'failed' or 'pending'."""
+    out = []
+    for path in sorted(celltable.cells_from_config(config)):
+        p = REPO / path
+        log = REPO / "logs" / Path(path).relative_to("results").with_suffix(".log")
+        if p.exists():
+            try:
+                res = cell_result.load(p)
+                out.append((path, res["status"], res["message"]))
+            except cell_result.ResultError as e:
+                out.append((path, "corrupt", str(e)))
+        elif log.exists():
+            tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+            out.append((path, "failed", f"see {log.relative_to(REPO)}" + (f": {tail[0][:200]}" if tail else "")))
+        else:
+            out.append((path, "pending", "not run yet"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="as snakemake --config")
+    ap.add_argument("--all", action="store_true", help="list ok cells too")
+    args = ap.parse_args(argv)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for kv in args.config:
+        key, _, value = kv.partition("=")
+        config[key] = yaml.safe_load(value)
+    try:
+        states = cell_states(config)
+    except celltable.ConfigError as e:
+        print(f"kvstudy: {e}", file=sys.stderr)
+        return 2
+    overrides = " ".join(shlex.quote(kv) for kv in args.config)
+    cfg = f" --config {overrides}" if overrides else ""
+    counts: dict[str, int] = {}
+    for path, state, message in states:
+        counts[state] = counts.get(state, 0) + 1
+        if state != "ok" or args.all:
+            print(f"{state:12s} {path}\n             {message}")
+            if state in ("failed", "pending"):  # no output yet: asking for the file runs it
+                print(f"             run:   snakemake --cores all{cfg} {path}")
+            elif state != "ok":  # a result exists: force it, and the tables and figures built on it
+                print(f"             rerun: snakemake --cores all{cfg} --forcerun {path}")
+    print("cells: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

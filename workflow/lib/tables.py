@@ -1,0 +1,28 @@
+"""Cell results -> one tidy row each (used by the table rule and the cell-status command)."""
+
+from __future__ import annotations
+
+import json
+
+from frameworks.harness import result as cell_result
+from frameworks.harness.metrics import LATENCY_METRICS, STAT_KEYS
+
+SPEC_COLUMNS = ("experiment", "framework", "model", "batch_size", "prompt_len", "gen_len", "kv_budget", "prefill",
+                "chunk_size", "request_rate", "num_requests", "burstiness", "repetitions", "seed", "device", "dtype")
+SCALAR_METRICS = ("output_tok_s", "output_tok_s_std", "total_tok_s", "request_s", "duration_s", "kv_cache_bytes",
+                  "peak_gpu_mem_gb", "peak_device_mem_gb", "peak_rss_gb", "output_tok_s_per_gb", "per_gb_basis")
+
+
+def row(path: str) -> dict:
+    res = cell_result.load(path)  # validates; a corrupt file is an error naming it
+    spec, summary, prov = res["spec"], res["summary"] or {}, res["provenance"]
+    out = {"cell_id": res["cell_id"], "status": res["status"], "message": res["message"]}
+    out.update({k: spec.get(k) for k in SPEC_COLUMNS})
+    out["policy"] = json.dumps(spec.get("policy") or {}, sort_keys=True)
+    for m in LATENCY_METRICS:
+        stats = summary.get(m) or {}
+        out.update({f"{m}_{s}": stats.get(s) for s in STAT_KEYS})
+    out.update({k: summary.get(k) for k in SCALAR_METRICS})
+    out.update({"gpu_name": prov.get("gpu_name"), "git_commit": (prov.get("git") or {}).get("commit"),
+                "image_id": prov.get("image_id"), "path": path})
+    return out

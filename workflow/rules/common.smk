@@ -1,0 +1,99 @@
+# Config -> cell table, and the input functions every rule uses.
+import sys
+from pathlib import Path
+
+# frameworks/ and workflow/ importable without installing
+REPO = workflow.basedir
+PYTHON = sys.executable
+sys.path.insert(0, REPO)
+
+from snakemake.exceptions import WorkflowError
+
+from frameworks.harness.spec import CellSpec
+from workflow.lib import celltable
+
+try:
+    PRESET = celltable.load_preset(config.get("preset", ""))
+    CELLS = celltable.build_cells(config, PRESET)
+except celltable.ConfigError as e:
+    raise WorkflowError(f"kvstudy: {e}") from None
+
+EXPERIMENTS = sorted({c.experiment for c in CELLS.values()})
+
+# figure -> the experiment whose table it plots (one script per figure: workflow/scripts/<figure>.py)
+FIGURES = {
+    "ttft_vs_prompt": "ttft_prompt",
+    "throughput_vs_batch": "batch",
+    "memory_vs_batch": "batch",
+    "tok_s_per_gb_vs_batch": "batch",
+    "model_size": "model_size",
+    "latency_vs_rate": "request_rate",
+    "metrics_vs_kv_budget": "kv_budget",
+}
+
+
+wildcard_constraints:
+    experiment="|".join(EXPERIMENTS),
+    framework="|".join(sorted({c.framework for c in CELLS.values()})),
+    model="|".join(sorted({c.model for c in CELLS.values()})),
+    cell=r"[A-Za-z0-9_.\-]+",
+
+
+def get_cell(wildcards) -> CellSpec:
+    path = f"results/cells/{wildcards.experiment}/{wildcards.framework}/{wildcards.model}/{wildcards.cell}.json"
+    try:
+        return CELLS[path]
+    except KeyError:
+        raise WorkflowError(
+            f"kvstudy: {path} is not a cell of preset {config['preset']!r} with this config; "
+            "list the cells with `snakemake -n`, or pick the preset with --config preset=<name>"
+        ) from None
+
+
+def get_cell_spec(wildcards) -> str:
+    return get_cell(wildcards).to_json()
+
+
+def get_cell_threads(wildcards) -> int:
+    threads = PRESET["cell_threads"]
+    return workflow.cores if threads == "all" else min(threads, workflow.cores)
+
+
+def get_cell_gpus(wildcards) -> int:
+    return 1 if PRESET["device"] == "cuda" else 0
+
+
+def get_framework_code(wildcards) -> list[str]:
+    # a cell depends on the code that runs it: harness, engine, models, its framework
+    pkgs = ["harness", "models", "hf", wildcards.framework]
+    files = {"frameworks/registry.py", "frameworks/__init__.py"}
+    for pkg in pkgs:
+        files.update(
+            str(p)
+            for p in Path("frameworks", pkg).rglob("*")
+            if p.is_file()
+            and p.suffix in {".py", ".json", ".yaml"}
+            and "__pycache__" not in p.parts
+        )
+    return sorted(files)
+
+
+def get_launcher(wildcards) -> str:
+    # prefix of the cell command for the configured runner (local: none)
+    return ""
+
+
+def get_experiment_cells(wildcards) -> list[str]:
+    return sorted(p for p, c in CELLS.items() if c.experiment == wildcards.experiment)
+
+
+def get_figure_table(wildcards) -> str:
+    return f"results/tables/{FIGURES[wildcards.figure]}.csv"
+
+
+def get_all_targets() -> list[str]:
+    targets = [f"results/tables/{e}.csv" for e in EXPERIMENTS]
+    for fig, exp in FIGURES.items():
+        if exp in EXPERIMENTS:
+            targets += [f"results/figures/{fig}.{ext}" for ext in ("pdf", "png")]
+    return targets

@@ -1,0 +1,23 @@
+# Figures (PDF + PNG), one script per figure: workflow/scripts/<figure>.py.
+rule figure:
+    input:
+        table=get_figure_table,
+    output:
+        pdf="results/figures/{figure}.pdf",
+        png="results/figures/{figure}.png",
+    log:
+        "logs/figures/{figure}.log",
+    wildcard_constraints:
+        figure="|".join(FIGURES),
+    script:
+        "../scripts/{wildcards.figure}.py"
+
+
+# A target rule per figure: `snakemake --cores all fig_<figure>` makes just that figure.
+for _fig, _exp in FIGURES.items():
+
+    rule:
+        name:
+            f"fig_{_fig}"
+        input:
+            expand("results/figures/{figure}.{ext}", figure=_fig, ext=("pdf", "png")),

@@ -1,0 +1,20 @@
+"""Figure: throughput, peak memory and KV bytes vs KV budget (1.0 = full cache)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1]))  # noqa: F821 - Snakemake's script object
+
+from workflow.lib import plotting as P  # noqa: E402
+
+df = P.load(snakemake.input.table)  # noqa: F821
+df["kv_cache_gb"] = df["kv_cache_bytes"] / 1e9
+panels = [("output_tok_s", "output throughput (tok/s)"), ("mem_gb", P.mem_label(df)), ("kv_cache_gb", "KV cache on device (GB)")]
+fig, axes = P.plt.subplots(1, 3, figsize=(12.6, 3.0))
+for ax, (metric, label) in zip(axes, panels):
+    P.lines(ax, df, "kv_budget", metric, by=("framework", "model"))
+    ax.set_xlim(1.05, 0.0)  # budget shrinks to the right
+    ax.set_xlabel("KV budget (fraction of the sequence)")
+    ax.set_ylabel(label)
+    P.finish(ax)
+P.save(fig, snakemake.output)  # noqa: F821
