@@ -33,8 +33,10 @@ def _schema_check(doc: dict, schema_file: str, what: str) -> None:
         for e in errors[:10]:
             where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
             msg = e.message
-            if e.validator == "additionalProperties" or e.validator == "propertyNames":
+            if e.validator == "additionalProperties":
                 msg = f"unknown key: {e.message}"
+            elif "propertyNames" in e.schema_path:
+                msg = f"unknown key {e.instance!r}; allowed: {', '.join(e.validator_value)}"
             lines.append(f"  {where}: {msg}")
         raise ConfigError(f"invalid {what}:\n" + "\n".join(lines))
 

@@ -1,0 +1,67 @@
+"""Bad input: one clear error before any cell runs, non-zero exit."""
+
+import pytest
+import yaml
+
+from tests.conftest import snakemake
+
+
+def dry(repo, *config):
+    return snakemake(repo, "-n", "--cores", "1", "--config", *config)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (["preset=nosuch"], "unknown preset 'nosuch'"),
+        (["preset=smoke", "frameworks=[deepspeed]"], "frameworks.0: 'deepspeed' is not one of"),
+        (["preset=smoke", "frameworks=[h2o]"], "'h2o' is not in preset 'smoke'"),
+        (["preset=smoke", "models=[llama-9b]"], "unknown model 'llama-9b'"),
+        (["preset=smoke", "runnr=local"], "unknown key"),
+        (["preset=smoke", "frameworks=hf"], "frameworks: 'hf' is not of type 'array'"),
+        (["preset=smoke", "experiments=[accuracy]"], "experiments.0: 'accuracy' is not one of"),
+    ],
+)
+def test_bad_config(repo_copy, config, message):
+    p = dry(repo_copy, *config)
+    assert p.returncode != 0
+    assert message in p.stderr + p.stdout, p.stderr[-2000:]
+    assert not (repo_copy / "results" / "cells").exists()
+
+
+def _preset(repo, **changes):
+    doc = yaml.safe_load((repo / "config/presets/smoke.yaml").read_text())
+    for path, value in changes.items():
+        node = doc
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
+    (repo / "config/presets/bad.yaml").write_text(yaml.safe_dump(doc))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"experiments.batch.sweep": {"prompt_len": [20000]}}, "exceeds the model's context of 16384 tokens"),
+        ({"experiments.kv_budget.sweep": {"kv_budget": [1.5]}}, "kv_budget must be in (0, 1]"),
+        ({"experiments.batch.sweep": {"batch_size": ["many"]}}, "batch_size must be an integer >= 1"),
+        ({"experiments.batch.models": ["gpt-oss-20b"]}, "framework hf does not support model gpt-oss-20b"),
+        ({"experiments.batch.params": {"batchsize": 2}}, "unknown key"),
+        ({"experiments.throughput": {"description": "x", "models": ["tiny-llama-3.1"]}}, "unknown key"),
+        ({"experiments.batch.sweep": {"prefill": ["paged"]}}, "prefill must be one of"),
+        ({"device": "tpu"}, "device: 'tpu' is not one of"),
+    ],
+)
+def test_bad_preset(repo_copy, changes, message):
+    _preset(repo_copy, **changes)
+    p = dry(repo_copy, "preset=bad")
+    assert p.returncode != 0
+    assert message in p.stderr + p.stdout, p.stderr[-2000:]
+
+
+def test_unknown_cell_target(repo_copy):
+    p = snakemake(repo_copy, "-n", "--cores", "1", "--config", "preset=smoke", "--",
+                  "results/cells/batch/hf/tiny-llama-3.1/bs3_in256_out32_kv1_sdpa.json")
+    assert p.returncode != 0
+    assert "is not a cell of preset 'smoke'" in p.stderr + p.stdout, p.stderr[-2000:]
