@@ -80,8 +80,8 @@ def blockwise_scores(q, k, scaling: float, block_elems: int = SCORE_BLOCK_ELEMS)
     for a in range(0, lq, rows):
         e = min(lq, a + rows)
         kend = first + e  # keys after the block's last query are masked for all its rows
-        qb = qg[:, :, :, a:e].reshape(b, hkv, g * (e - a), d)
-        w = (torch.matmul(qb, k[:, :, :kend].transpose(-1, -2)) * scaling).view(b, hkv, g, e - a, kend)
+        qb = qg[:, :, :, a:e].reshape(b, hkv, g * (e - a), d) * scaling  # scale the small operand: one pass less
+        w = torch.matmul(qb, k[:, :, :kend].transpose(-1, -2)).view(b, hkv, g, e - a, kend)
         # only the block's own diagonal square needs masking: earlier keys are seen by every row
         w[..., first + a:].masked_fill_(~_causal(e - a, e - a, q.device), float("-inf"))
         col[..., :kend] += torch.softmax(w, dim=-1, dtype=col.dtype).sum((2, 3))

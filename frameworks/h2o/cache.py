@@ -23,10 +23,15 @@ class H2OLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, sizes, expected_prompt_len: int):
+    def __init__(self, sizes, expected_prompt_len: int, chunk_size: int | None):
         super().__init__()
         self.sizes = sizes  # prompt_len -> (heavy, recent)
-        self.expected_prompt_len = expected_prompt_len  # the cell's; a longer/shorter prompt also works
+        # The layer must know when the prompt ends. Cells have exact-length prompts, so: after the
+        # first forward (eager: the whole prompt), or at the cell's prompt_len or a partial chunk
+        # (chunked). A shorter prompt is still handled: see update().
+        self.expected_prompt_len = expected_prompt_len
+        self.chunk_size = chunk_size  # None: the prompt comes in one forward
+        self._last_n = 0  # tokens of the last prompt forward
         self.seen = 0  # tokens given to this layer so far = position of the next one
         self.decoding = False  # False: holding the prompt; True: fixed slots
         self.scores: torch.Tensor | None = None  # prefill: [B, Hkv, cap] by position; decode: [B, Hkv, S] by slot
@@ -46,12 +51,14 @@ class H2OLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        if not self.decoding and n == 1 and self.seen >= self.expected_prompt_len:
-            # reached only when the prompt was shorter than the cell's: its end is known now
+        if not self.decoding and self.seen and n == 1 < (self.chunk_size or 1) and self.seen + 1 != self.expected_prompt_len:
+            # a chunked prompt shorter than the cell's and a whole number of chunks: this is decode
             self._compact()
         if self.decoding:
             if n != 1:
-                raise NotImplementedError("H2O decodes one token per sequence per step")
+                raise NotImplementedError(f"h2o: a {n}-token forward after the prompt: prompts longer than the "
+                                          f"cell's prompt_len ({self.expected_prompt_len}) are not supported, and "
+                                          "decode feeds one token per sequence per step")
             return self._append_slot(key_states, value_states)
         return self._append_prompt(key_states, value_states)
 
@@ -69,8 +76,8 @@ class H2OLayer(CacheLayerMixin):
     def add_prompt_scores(self, col: torch.Tensor) -> None:
         """col [B, Hkv, seen]: attention received by each prompt token from this forward's queries."""
         self.scores[..., : col.shape[-1]] += col
-        if self.seen >= self.expected_prompt_len:
-            self._compact()
+        if self.chunk_size is None or self.seen >= self.expected_prompt_len or self._last_n < self.chunk_size:
+            self._compact()  # the prompt is complete (a partial chunk is the last one)
 
     def add_step_scores(self, probs: torch.Tensor) -> None:
         """probs [B, Hkv, filled]: this decode step's attention, summed over the group's query heads."""
@@ -97,6 +104,7 @@ class H2OLayer(CacheLayerMixin):
     # -- internals -----------------------------------------------------------------------------
     def _append_prompt(self, k: torch.Tensor, v: torch.Tensor):
         n, end = k.shape[-2], self.seen + k.shape[-2]
+        self._last_n = n
         if self.seen == 0 and n >= self.expected_prompt_len:
             self.keys, self.values = k, v  # the whole prompt in one forward (eager): no copy
             self.scores = torch.zeros(k.shape[:2] + (n,), dtype=self.score_dtype, device=k.device)

@@ -176,8 +176,20 @@ def test_budget_covering_the_sequence_equals_full_cache(model, prefill):
     assert torch.equal(h2o.last_tokens, full.last_tokens)
 
 
+@pytest.mark.parametrize("prefill", ["eager", "chunked"])
+@pytest.mark.parametrize("prompt_len", [30, 33])  # a whole number of chunks, a partial last chunk
+def test_prompt_shorter_than_the_cells(prefill, prompt_len):
+    s = spec(GQA, prompt_len=40, gen_len=10, prefill=prefill, chunk_size=10, heavy_size=5, recent_size=4)
+    prompts = workload.prompts(3, 2, prompt_len, 1000)
+    policy, engine = run_policy(s, prompts)
+    ref, ref_logits = reference_generate(GQA, prompts, s.gen_len, 5, 4)
+    torch.testing.assert_close(torch.stack(engine.step_logits), torch.stack(ref_logits), rtol=1e-5, atol=1e-6)
+    for i, layer in enumerate(policy.cache.layers):
+        assert layer.kept_positions().tolist() == [[sorted(h) for h in seq] for seq in ref.kept[i]]
+
+
 def test_eager_and_chunked_prefill_agree():
-    s = spec(GQA, prompt_len=70, heavy_size=10, recent_size=7)
+    s = spec(GQA, prompt_len=65, heavy_size=10, recent_size=7)  # chunks of 32: the last one is a single token
     prompts = prompts_for(s)
     eager, e1 = run_policy(s, prompts)
     chunked, e2 = run_policy(CellSpec.from_dict({**s.to_dict(), "prefill": "chunked", "chunk_size": 32}), prompts)
