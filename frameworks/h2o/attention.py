@@ -106,7 +106,7 @@ def decode_with_scores(q, k, v, scaling: float):
     hkv = k.shape[1]
     g = hq // hkv
     w = torch.matmul(q.reshape(b, hkv, g, d), k.transpose(-1, -2))  # GQA without copying K
-    p = torch.softmax(w.mul_(scaling), dim=-1, dtype=_acc_dtype(q))
+    p = torch.softmax(w if scaling == 1.0 else w.mul_(scaling), dim=-1, dtype=_acc_dtype(q))  # OPT pre-scales q
     out = torch.matmul(p.to(v.dtype), v)  # [B, Hkv, G, Dv]
     return out.reshape(b, hq, 1, v.shape[-1]).transpose(1, 2), p.sum(2)
 
