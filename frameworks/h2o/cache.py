@@ -1,0 +1,169 @@
+"""One layer's H2O cache: the prompt while it is being prefilled, then a fixed set of slots.
+
+Prefill: the prompt's keys/values are held whole (attention over the prompt is exact, as in
+upstream H2O) and every prompt token gets the column sum of the causal attention matrix as its
+score. When the prompt is complete the layer keeps, per sequence and per KV head, the `heavy`
+highest-scoring tokens outside the recent window plus the `recent` last tokens, in
+`heavy + recent + 1` freshly allocated slots; the prompt's full KV is released.
+
+Decode: one token per step. The incoming token overwrites the slot freed at the previous step
+(a per-(sequence, head) index: each sequence and head evicts its own token), attention runs over
+all slots, the step's probabilities are added to the scores, and the lowest-scoring slot outside
+the recent window is freed. Shapes never change once the slots are full, and slot order is
+irrelevant: keys are cached after RoPE at their real positions, and decode needs no mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+
+class H2OLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, sizes, expected_prompt_len: int, chunk_size: int | None):
+        super().__init__()
+        self.sizes = sizes  # prompt_len -> (heavy, recent)
+        # The layer must know when the prompt ends. Cells have exact-length prompts, so: after the
+        # first forward (eager: the whole prompt), or at the cell's prompt_len or a partial chunk
+        # (chunked). A shorter prompt is still handled: see update().
+        self.expected_prompt_len = expected_prompt_len
+        self.chunk_size = chunk_size  # None: the prompt comes in one forward
+        self._last_n = 0  # tokens of the last prompt forward
+        self.seen = 0  # tokens given to this layer so far = position of the next one
+        self.decoding = False  # False: holding the prompt; True: fixed slots
+        self.scores: torch.Tensor | None = None  # prefill: [B, Hkv, cap] by position; decode: [B, Hkv, S] by slot
+        self.pos: torch.Tensor | None = None  # decode: [B, Hkv, S] position of the token in each slot (-1: empty)
+        self.filled = 0  # decode: slots holding a token (a prefix of the slots)
+        self.free: torch.Tensor | None = None  # decode, once full: [B, Hkv] slot the next token overwrites
+        self.heavy = self.recent = 0
+
+    # -- transformers' layer interface -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        # fp32 scores whatever the model's dtype (upstream summed half-precision probabilities)
+        self.score_dtype = torch.float64 if key_states.dtype == torch.float64 else torch.float32
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if not self.decoding and self.seen and n == 1 < (self.chunk_size or 1) and self.seen + 1 != self.expected_prompt_len:
+            # a chunked prompt shorter than the cell's and a whole number of chunks: this is decode
+            self._compact()
+        if self.decoding:
+            if n != 1:
+                raise NotImplementedError(f"h2o: a {n}-token forward after the prompt: prompts longer than the "
+                                          f"cell's prompt_len ({self.expected_prompt_len}) are not supported, and "
+                                          "decode feeds one token per sequence per step")
+            return self._append_slot(key_states, value_states)
+        return self._append_prompt(key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kv = self.filled if self.decoding else self.seen
+        return kv + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen  # tokens seen, not kept: default position ids stay right
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # -- after attention (called by attention.py with this step's scores) --------------------
+    def add_prompt_scores(self, col: torch.Tensor) -> None:
+        """col [B, Hkv, seen]: attention received by each prompt token from this forward's queries."""
+        self.scores[..., : col.shape[-1]] += col
+        if self.chunk_size is None or self.seen >= self.expected_prompt_len or self._last_n < self.chunk_size:
+            self._compact()  # the prompt is complete (a partial chunk is the last one)
+
+    def add_step_scores(self, probs: torch.Tensor) -> None:
+        """probs [B, Hkv, filled]: this decode step's attention, summed over the group's query heads."""
+        self.scores[..., : self.filled] += probs
+        if self.filled == self.scores.shape[-1]:  # heavy + recent + 1 tokens: free one slot
+            protected = self.pos >= self.seen - self.recent
+            self.free = self.scores.masked_fill(protected, float("inf")).argmin(-1)
+
+    # -- inspection (tests, metrics) ---------------------------------------------------------
+    def kept_positions(self) -> torch.Tensor:
+        """[B, Hkv, kept] sorted positions of the tokens this layer holds for the next step."""
+        if not self.decoding:
+            b, h = self.scores.shape[:2]
+            return torch.arange(self.seen, device=self.scores.device).expand(b, h, -1)
+        pos = self.pos[..., : self.filled]
+        if self.free is None:
+            return pos.sort(-1).values
+        # the freed slot still holds the evicted token until the next step overwrites it
+        return pos.scatter(-1, self.free[..., None], -1).sort(-1).values[..., 1:]
+
+    def bookkeeping_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.scores, self.pos, self.free) if t is not None)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _append_prompt(self, k: torch.Tensor, v: torch.Tensor):
+        n, end = k.shape[-2], self.seen + k.shape[-2]
+        self._last_n = n
+        if self.seen == 0 and n >= self.expected_prompt_len:
+            self.keys, self.values = k, v  # the whole prompt in one forward (eager): no copy
+            self.scores = torch.zeros(k.shape[:2] + (n,), dtype=self.score_dtype, device=k.device)
+        else:
+            if self.keys is None or end > self.keys.shape[-2]:  # chunked: allocate the prompt once
+                cap = max(end, self.expected_prompt_len)
+                self.keys, self.values = _grow(self.keys, k, cap, self.seen), _grow(self.values, v, cap, self.seen)
+                self.scores = _grow(self.scores, k.new_zeros(k.shape[:2] + (1,), dtype=self.score_dtype), cap,
+                                    self.seen, zero=True)
+            self.keys[:, :, self.seen:end] = k
+            self.values[:, :, self.seen:end] = v
+        self.seen = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def _compact(self) -> None:
+        """Keep the heavy hitters and the recent window of the prompt in fresh slots."""
+        length = self.seen
+        self.heavy, self.recent = self.sizes(length)
+        capacity = self.heavy + self.recent
+        b, h, _, d = self.keys.shape
+        dev = self.keys.device
+        if length <= capacity:
+            keep = torch.arange(length, device=dev).expand(b, h, length)
+        else:
+            recent = torch.arange(length - self.recent, length, device=dev).expand(b, h, self.recent)
+            heavy = self.scores[..., : length - self.recent].topk(self.heavy, dim=-1).indices
+            keep = torch.cat([heavy, recent], dim=-1).sort(dim=-1).values  # position order: see module doc
+        n, slots = keep.shape[-1], capacity + 1
+        keys = self.keys.new_empty((b, h, slots, d))
+        values = self.values.new_empty((b, h, slots, self.values.shape[-1]))
+        keys[:, :, :n] = self.keys.gather(2, keep[..., None].expand(-1, -1, -1, d))
+        values[:, :, :n] = self.values.gather(2, keep[..., None].expand(-1, -1, -1, values.shape[-1]))
+        scores = self.scores.new_zeros((b, h, slots))
+        scores[..., :n] = self.scores.gather(-1, keep)
+        self.pos = torch.full((b, h, slots), -1, dtype=torch.long, device=dev)
+        self.pos[..., :n] = keep
+        self.keys, self.values, self.scores = keys, values, scores  # the prompt's KV is released here
+        self.filled, self.free, self.decoding = n, None, True
+
+    def _append_slot(self, k: torch.Tensor, v: torch.Tensor):
+        if self.free is None:  # slots not full yet: append
+            i = self.filled
+            self.keys[:, :, i] = k[:, :, 0]
+            self.values[:, :, i] = v[:, :, 0]
+            self.pos[..., i] = self.seen
+            self.filled += 1
+        else:  # overwrite the slot each (sequence, head) freed at the previous step
+            b, h, _, d = k.shape
+            self.keys.scatter_(2, self.free.view(b, h, 1, 1).expand(b, h, 1, d), k)
+            self.values.scatter_(2, self.free.view(b, h, 1, 1).expand(b, h, 1, v.shape[-1]), v)
+            self.pos.scatter_(2, self.free[..., None], self.seen)
+            self.scores.scatter_(2, self.free[..., None], 0.0)
+        self.seen += 1
+        return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
+
+
+def _grow(old: torch.Tensor | None, like: torch.Tensor, cap: int, used: int, zero: bool = False) -> torch.Tensor:
+    shape = like.shape[:2] + (cap,) + like.shape[3:]
+    new = like.new_zeros(shape) if zero else like.new_empty(shape)
+    if old is not None and used:
+        new[:, :, :used] = old[:, :, :used]
+    return new
