@@ -1,0 +1,76 @@
+"""Where the KV lives: the host store (the whole cache, CPU) and the device-side buffers.
+
+Host layout is token-major, [layers, K|V, max_len, B, Hkv, d] (as FlexGen's [n, b*h, d]):
+appending one token is one contiguous write, a full layer's prefix is one contiguous copy, and
+a selected token of (sequence b, kv head g) is one row of the [max_len*B*Hkv, d] view.
+On CUDA the store is page-locked with cudaHostRegister rather than torch's pinned allocator,
+which rounds every block up to a power of two (a 9 GB store would pin 16 GB); it is allocated
+once per shape and reused by every batch of a cell (pinning costs about a second per few GB).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HostStore:
+    def __init__(self, n_layers: int, max_len: int, batch: int, kv_heads: int, head_dim: int, dtype, pin: bool):
+        self.shape = (n_layers, 2, max_len, batch, kv_heads, head_dim)
+        self.kv = torch.empty(self.shape, dtype=dtype)
+        self._registered = False
+        if pin:
+            err = torch.cuda.cudart().cudaHostRegister(self.kv.data_ptr(), self.nbytes, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {self.nbytes / 1e9:.1f} GB failed (error {int(err)})")
+            self._registered = True
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def fits(self, n_layers, max_len, batch, kv_heads, head_dim, dtype) -> bool:
+        return self.shape == (n_layers, 2, max_len, batch, kv_heads, head_dim) and self.kv.dtype == dtype
+
+    def append(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """key/value [B, Hkv, n, d] (device) -> host rows start..start+n (async on CUDA: the
+        copy is ordered on the current stream, readers wait on an event recorded after it)."""
+        n = key.shape[2]
+        for which, t in ((0, key), (1, value)):
+            self.kv[layer, which, start:start + n].copy_(t.permute(2, 0, 1, 3).contiguous(), non_blocking=True)
+
+    def rows(self, layer: int, which: int) -> torch.Tensor:
+        """[max_len*B*Hkv, d] view of one layer's keys (0) or values (1)."""
+        return self.kv[layer, which].view(-1, self.shape[-1])
+
+    def prefix(self, layer: int, which: int, length: int) -> torch.Tensor:
+        """Tokens 0..length as [length, B, Hkv, d] (contiguous)."""
+        return self.kv[layer, which, :length]
+
+    def close(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.kv.data_ptr())
+            self._registered = False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: CUDA may be gone already
+            pass
+
+
+class Slot:
+    """One of two rotating fetch buffers for the speculated layers (layer j uses slot j % 2):
+    device rows, their pinned staging copy and the pinned selection (idx, k) read by the gather.
+    Two suffice: layer j+2 reuses j's slot only after j's attention (stream order) and after j's
+    copy finished (event)."""
+
+    def __init__(self, rows: int, head_dim: int, dtype, device: torch.device, cuda: bool):
+        self.dev = torch.empty((2, rows, head_dim), dtype=dtype, device=device)
+        self.stage = torch.empty((2, rows, head_dim), dtype=dtype, pin_memory=True) if cuda else None
+        self.idx = torch.empty(rows, dtype=torch.long, pin_memory=cuda)
+        self.k = torch.empty((), dtype=torch.long, pin_memory=cuda)
+        self.copied = None  # event: the last host->device copy out of `stage` is done
+
+    @property
+    def nbytes(self) -> int:
+        return self.dev.numel() * self.dev.element_size()
