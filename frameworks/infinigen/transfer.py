@@ -85,17 +85,22 @@ class Transfer:
             t.record_stream(self.spec_stream)
         return ready
 
-    def _timed_copy(self, dst: torch.Tensor, src: torch.Tensor, nbytes: int, after):
-        """dst <- src on the copy stream once `after` happened; returns the event after it."""
+    def _timed_copy(self, pairs, nbytes: int, after):
+        """dst <- src for each (dst, src) on the copy stream once `after` happened; returns the
+        event after them (None on CPU). Each pair is contiguous on both sides, so every copy is
+        one cudaMemcpyAsync from page-locked memory (a strided one would stage through pageable
+        memory and block)."""
         if not self.cuda:
-            dst.copy_(src)
+            for dst, src in pairs:
+                dst.copy_(src)
             return None
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dst.record_stream(self.copy_stream)  # the buffer may be freed while the copy runs
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(after)
             start.record()
-            dst.copy_(src, non_blocking=True)
+            for dst, src in pairs:
+                dst.record_stream(self.copy_stream)  # the buffer may be freed while the copy runs
+                dst.copy_(src, non_blocking=True)
             end.record()
         self._timed.append((start, end, nbytes))
         return end
@@ -104,19 +109,16 @@ class Transfer:
     def launch_full(self, store, layer: int, length: int, dev: torch.Tensor | None) -> Pending:
         """The whole prefix 0..length of a layer. dev: [2, max_len, B, Hkv, d] device buffer
         (CUDA) — on CPU the host store is used in place."""
-        b, hkv, d = store.shape[3:]
-        out, nbytes, ready = [], 0, None
+        srcs = [store.prefix(layer, which, length) for which in (0, 1)]  # [length, B, Hkv, d]
+        if not self.cuda:  # the host store is the compute device's memory: use it in place
+            return Pending(Fetched(srcs[0].permute(1, 2, 0, 3), srcs[1].permute(1, 2, 0, 3), None, length, 0))
+        dsts = [dev[which, :length] for which in (0, 1)]
         after = self.follow_compute()
-        for which in (0, 1):
-            src = store.prefix(layer, which, length)
-            if self.cuda:
-                dst = dev[which, :length]
-                if self.fetch:
-                    ready = self._timed_copy(dst, src, src.numel() * src.element_size(), after)
-                    nbytes += src.numel() * src.element_size()
-                src = dst
-            out.append(src.permute(1, 2, 0, 3))
-        return Pending(Fetched(out[0], out[1], ready, length, nbytes))
+        ready, nbytes = None, 0
+        if self.fetch:
+            nbytes = sum(t.numel() * t.element_size() for t in srcs)
+            ready = self._timed_copy(list(zip(dsts, srcs)), nbytes, after)
+        return Pending(Fetched(dsts[0].permute(1, 2, 0, 3), dsts[1].permute(1, 2, 0, 3), ready, length, nbytes))
 
     # -- speculated layers --------------------------------------------------------------
     def launch_sparse(self, store, layer: int, slot, speculate, hidden: torch.Tensor, extra=()) -> Pending:
@@ -143,19 +145,19 @@ class Transfer:
             k = int(slot.k)
             rows = flat_rows(idx_host[..., :k], b, hkv)
             n = rows.numel()
-            dst = slot.dev[:, :n]
+            dst = [slot.dev[which, :n] for which in (0, 1)]  # each [n, d], contiguous
             ready, nbytes = None, 0
             if self.fetch:
                 if slot.copied is not None:
                     slot.copied.synchronize()  # the staging buffer's previous copy is done
-                stage = slot.stage[:, :n] if self.cuda else dst
+                stage = [slot.stage[which, :n] for which in (0, 1)] if self.cuda else dst
                 t0 = time.perf_counter()
                 for which in (0, 1):
                     torch.index_select(store.rows(layer, which), 0, rows, out=stage[which])
                 self.stats["gather_s"] += time.perf_counter() - t0
                 if self.cuda:
-                    nbytes = stage.numel() * stage.element_size()
-                    ready = slot.copied = self._timed_copy(dst, stage, nbytes, after)
+                    nbytes = 2 * stage[0].numel() * stage[0].element_size()
+                    ready = slot.copied = self._timed_copy(list(zip(dst, stage)), nbytes, after)
             shape = (b, hkv, k, d)
             return Fetched(dst[0].view(shape), dst[1].view(shape), ready, k, nbytes)
 
