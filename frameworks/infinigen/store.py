@@ -65,7 +65,7 @@ class Slot:
     copy finished (event)."""
 
     def __init__(self, rows: int, head_dim: int, dtype, device: torch.device, cuda: bool):
-        self.dev = torch.empty((2, rows, head_dim), dtype=dtype, device=device)
+        self.dev = torch.zeros((2, rows, head_dim), dtype=dtype, device=device)  # never NaN, even unfetched
         self.stage = torch.empty((2, rows, head_dim), dtype=dtype, pin_memory=True) if cuda else None
         self.idx = torch.empty(rows, dtype=torch.long, pin_memory=cuda)
         self.k = torch.empty((), dtype=torch.long, pin_memory=cuda)

@@ -180,3 +180,8 @@ class Transfer:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+            self.pool = None
+
+    def __del__(self):  # the runner never closes policies: do not leak a thread per cell
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown(wait=False)
