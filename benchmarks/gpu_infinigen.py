@@ -144,10 +144,10 @@ def pcie(cuda: bool) -> dict:
         del host, dev
     # CPU gather of InfiniGen's rows (256 B for d=128 bf16) at batch 8, 2176 tokens, 409 selected
     length, b, h, d, k = 2176, 8, 8, 128, 409
-    store = torch.randn(length * b * h, d).to(torch.bfloat16)
+    store = torch.randn(length * b * h, 2 * d).to(torch.bfloat16)  # key | value rows, as the store
     idx = torch.randint(0, length, (b, h, k))
     rows = (idx * (b * h) + torch.arange(b * h).view(b, h, 1)).reshape(-1)
-    buf = torch.empty(rows.numel(), d, dtype=torch.bfloat16, pin_memory=cuda)
+    buf = torch.empty(rows.numel(), 2 * d, dtype=torch.bfloat16, pin_memory=cuda)
     torch.index_select(store, 0, rows, out=buf)
     t = time.perf_counter()
     for _ in range(20):

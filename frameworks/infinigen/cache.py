@@ -65,7 +65,7 @@ class InfiniGenCache(Cache):
         self.partial_k = {j: torch.empty((b, hkv, max_len, s.proj.shape[-1]), dtype=dtype, device=dev)
                           for j, s in policy.skews.items()}
         cuda = self.transfer.cuda
-        self.full_dev = {i: torch.empty((2, max_len, b, hkv, d), dtype=dtype, device=dev) if cuda else None
+        self.full_dev = {i: torch.empty((max_len, b, hkv, 2, d), dtype=dtype, device=dev) if cuda else None
                          for i in range(min(policy.full_layers, arch.n_layers))}
         rows = b * hkv * min(policy.cap(max_len), max_len)
         self.slots = [Slot(rows, d, dtype, dev, cuda) for _ in range(2)] if policy.skews else []
@@ -134,6 +134,6 @@ class InfiniGenCache(Cache):
         if start == 0:
             return key, value
         # a later chunk: the earlier ones come back from the host (same stream as their append)
-        dev = key.device
-        prev = [self.store.prefix(i, w, start).to(dev, non_blocking=True).permute(1, 2, 0, 3) for w in (0, 1)]
-        return torch.cat([prev[0], key], dim=2), torch.cat([prev[1], value], dim=2)
+        prev = self.store.prefix(i, start).to(key.device, non_blocking=True)  # [start, B, Hkv, 2, d]
+        keys, values = (prev[..., w, :].permute(1, 2, 0, 3) for w in (0, 1))
+        return torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2)

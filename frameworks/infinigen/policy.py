@@ -112,7 +112,7 @@ class InfiniGenPolicy(KVPolicy):
             "fetched_tokens_per_step": (s["full_tokens"] + s["sparse_tokens"]) / steps,
             "fetched_tokens_per_step_speculated": s["sparse_tokens"] / steps,
             "fetched_tokens_per_seq_layer_speculated":
-                s["sparse_tokens"] / max(s["sparse_fetches"], 1) / max(self._store.shape[3], 1) if self._store else None,
+                s["sparse_tokens"] / max(s["sparse_fetches"], 1) / self._store.batch if self._store else None,
             "fetched_bytes_per_step": s["bytes"] / steps,
             "h2d_bandwidth_gbps": self.transfer.measured_bandwidth_gbps(),
             "gather_ms_per_step": s["gather_s"] * 1e3 / steps,

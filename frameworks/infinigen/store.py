@@ -1,8 +1,10 @@
 """Where the KV lives: the host store (the whole cache, CPU) and the device-side buffers.
 
-Host layout is token-major, [layers, K|V, max_len, B, Hkv, d] (as FlexGen's [n, b*h, d]):
-appending one token is one contiguous write, a full layer's prefix is one contiguous copy, and
-a selected token of (sequence b, kv head g) is one row of the [max_len*B*Hkv, d] view.
+Host layout is token-major with K and V side by side, [layers, max_len, B, Hkv, K|V, d] (as
+FlexGen's [n, b*h, d], K and V interleaved): appending one token is one contiguous write, a full
+layer's prefix is one contiguous copy, and a selected token of (sequence b, kv head g) is one
+row of 2*d values (its key and its value) in the [max_len*B*Hkv, 2*d] view, so the gather does
+one random access per token and head, not two.
 On CUDA the store is page-locked with cudaHostRegister rather than torch's pinned allocator,
 which rounds every block up to a power of two (a 9 GB store would pin 16 GB); it is allocated
 once per shape and reused by every batch of a cell (pinning costs about a second per few GB).
@@ -15,7 +17,7 @@ import torch
 
 class HostStore:
     def __init__(self, n_layers: int, max_len: int, batch: int, kv_heads: int, head_dim: int, dtype, pin: bool):
-        self.shape = (n_layers, 2, max_len, batch, kv_heads, head_dim)
+        self.shape = (n_layers, max_len, batch, kv_heads, 2, head_dim)
         self.kv = torch.empty(self.shape, dtype=dtype)
         self._registered = False
         if pin:
@@ -29,22 +31,31 @@ class HostStore:
         return self.kv.numel() * self.kv.element_size()
 
     def fits(self, n_layers, max_len, batch, kv_heads, head_dim, dtype) -> bool:
-        return self.shape == (n_layers, 2, max_len, batch, kv_heads, head_dim) and self.kv.dtype == dtype
+        return self.shape == (n_layers, max_len, batch, kv_heads, 2, head_dim) and self.kv.dtype == dtype
+
+    @property
+    def batch(self) -> int:
+        return self.shape[2]
 
     def append(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """key/value [B, Hkv, n, d] (device) -> host rows start..start+n (async on CUDA: the
-        copy is ordered on the current stream, readers wait on an event recorded after it)."""
+        """key/value [B, Hkv, n, d] (device) -> host tokens start..start+n: one copy, async on
+        CUDA (ordered on the current stream; readers wait on an event recorded after it)."""
         n = key.shape[2]
-        for which, t in ((0, key), (1, value)):
-            self.kv[layer, which, start:start + n].copy_(t.permute(2, 0, 1, 3).contiguous(), non_blocking=True)
+        kv = torch.stack((key, value), dim=3).permute(2, 0, 1, 3, 4).contiguous()  # [n, B, Hkv, 2, d]
+        self.kv[layer, start:start + n].copy_(kv, non_blocking=True)
 
-    def rows(self, layer: int, which: int) -> torch.Tensor:
-        """[max_len*B*Hkv, d] view of one layer's keys (0) or values (1)."""
-        return self.kv[layer, which].view(-1, self.shape[-1])
+    def rows(self, layer: int) -> torch.Tensor:
+        """[max_len*B*Hkv, 2*d] view: one row = one token's key and value for one kv head."""
+        return self.kv[layer].view(-1, 2 * self.shape[-1])
 
-    def prefix(self, layer: int, which: int, length: int) -> torch.Tensor:
-        """Tokens 0..length as [length, B, Hkv, d] (contiguous)."""
-        return self.kv[layer, which, :length]
+    def prefix(self, layer: int, length: int) -> torch.Tensor:
+        """Tokens 0..length as [length, B, Hkv, 2, d] (contiguous)."""
+        return self.kv[layer, :length]
+
+    def keys_values(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [B, Hkv, length, d] of a layer's keys and values."""
+        p = self.prefix(layer, length)
+        return p[..., 0, :].permute(1, 2, 0, 3), p[..., 1, :].permute(1, 2, 0, 3)
 
     def close(self) -> None:
         if self._registered:
@@ -65,8 +76,8 @@ class Slot:
     copy finished (event)."""
 
     def __init__(self, rows: int, head_dim: int, dtype, device: torch.device, cuda: bool):
-        self.dev = torch.zeros((2, rows, head_dim), dtype=dtype, device=device)  # never NaN, even unfetched
-        self.stage = torch.empty((2, rows, head_dim), dtype=dtype, pin_memory=True) if cuda else None
+        self.dev = torch.zeros((rows, 2 * head_dim), dtype=dtype, device=device)  # never NaN, even unfetched
+        self.stage = torch.empty((rows, 2 * head_dim), dtype=dtype, pin_memory=True) if cuda else None
         self.idx = torch.empty(rows, dtype=torch.long, pin_memory=cuda)
         self.k = torch.empty((), dtype=torch.long, pin_memory=cuda)
         self.copied = None  # event: the last host->device copy out of `stage` is done

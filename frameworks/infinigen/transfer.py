@@ -107,18 +107,19 @@ class Transfer:
 
     # -- full layers ----------------------------------------------------------------------
     def launch_full(self, store, layer: int, length: int, dev: torch.Tensor | None) -> Pending:
-        """The whole prefix 0..length of a layer. dev: [2, max_len, B, Hkv, d] device buffer
+        """The whole prefix 0..length of a layer. dev: [max_len, B, Hkv, 2, d] device buffer
         (CUDA) — on CPU the host store is used in place."""
-        srcs = [store.prefix(layer, which, length) for which in (0, 1)]  # [length, B, Hkv, d]
-        if not self.cuda:  # the host store is the compute device's memory: use it in place
-            return Pending(Fetched(srcs[0].permute(1, 2, 0, 3), srcs[1].permute(1, 2, 0, 3), None, length, 0))
-        dsts = [dev[which, :length] for which in (0, 1)]
-        after = self.follow_compute()
+        src = store.prefix(layer, length)  # [length, B, Hkv, 2, d], contiguous
         ready, nbytes = None, 0
-        if self.fetch:
-            nbytes = sum(t.numel() * t.element_size() for t in srcs)
-            ready = self._timed_copy(list(zip(dsts, srcs)), nbytes, after)
-        return Pending(Fetched(dsts[0].permute(1, 2, 0, 3), dsts[1].permute(1, 2, 0, 3), ready, length, nbytes))
+        if self.cuda:
+            dst = dev[:length]
+            after = self.follow_compute()
+            if self.fetch:
+                nbytes = src.numel() * src.element_size()
+                ready = self._timed_copy([(dst, src)], nbytes, after)
+            src = dst
+        keys, values = (src[..., w, :].permute(1, 2, 0, 3) for w in (0, 1))
+        return Pending(Fetched(keys, values, ready, length, nbytes))
 
     # -- speculated layers --------------------------------------------------------------
     def launch_sparse(self, store, layer: int, slot, speculate, hidden: torch.Tensor, extra=()) -> Pending:
@@ -141,25 +142,24 @@ class Transfer:
         with torch.inference_mode():
             if selected is not None:
                 selected.synchronize()  # only the speculation, not the device
-            b, hkv, d = store.shape[3:]
+            b, hkv, d = store.batch, store.shape[3], store.shape[-1]
             k = int(slot.k)
             rows = flat_rows(idx_host[..., :k], b, hkv)
             n = rows.numel()
-            dst = [slot.dev[which, :n] for which in (0, 1)]  # each [n, d], contiguous
+            dst = slot.dev[:n]  # [n, 2d] contiguous: key | value of each selected (token, head)
             ready, nbytes = None, 0
             if self.fetch:
                 if slot.copied is not None:
                     slot.copied.synchronize()  # the staging buffer's previous copy is done
-                stage = [slot.stage[which, :n] for which in (0, 1)] if self.cuda else dst
+                stage = slot.stage[:n] if self.cuda else dst
                 t0 = time.perf_counter()
-                for which in (0, 1):
-                    torch.index_select(store.rows(layer, which), 0, rows, out=stage[which])
+                torch.index_select(store.rows(layer), 0, rows, out=stage)
                 self.stats["gather_s"] += time.perf_counter() - t0
                 if self.cuda:
-                    nbytes = 2 * stage[0].numel() * stage[0].element_size()
-                    ready = slot.copied = self._timed_copy(list(zip(dst, stage)), nbytes, after)
-            shape = (b, hkv, k, d)
-            return Fetched(dst[0].view(shape), dst[1].view(shape), ready, k, nbytes)
+                    nbytes = stage.numel() * stage.element_size()
+                    ready = slot.copied = self._timed_copy([(dst, stage)], nbytes, after)
+            kv = dst.view(b, hkv, k, 2, d)
+            return Fetched(kv[..., 0, :], kv[..., 1, :], ready, k, nbytes)
 
     # -- measurements -----------------------------------------------------------------------
     def account(self, fetched: Fetched, batch: int, full: bool) -> None:

@@ -125,7 +125,7 @@ def test_speculation_with_all_columns_gives_the_true_logits(name):
     x, pe, q_true, cache = _capture_decode_step(model, policy, eng, j)
     length = 48  # prompt: the partial keys of the decode step's past
     arch = policy.arch
-    keys = cache.store.prefix(j, 0, length).permute(1, 2, 0, 3)  # [B, Hkv, L, d] as the model made them
+    keys, _ = cache.store.keys_values(j, length)  # [B, Hkv, L, d] as the model made them
     b = keys.shape[0]
     qg = q_true.reshape(b, arch.n_kv_heads, arch.groups, arch.head_dim)
     true = torch.matmul(qg, keys.transpose(-1, -2)) * arch.logit_scale(j)
@@ -229,7 +229,7 @@ def test_engine_selection_and_fetched_rows(name, threaded, monkeypatch):
             q = q * cos[:, None] + rot * sin[:, None]
         else:
             q = q * attn.scaling
-        keys_post = cache.store.prefix(j, 0, length)  # [L, B, Hkv, d]
+        keys_post = cache.store.prefix(j, length)[..., 0, :]  # [L, B, Hkv, d]
         proj = policy.skews[j].proj
         logits = torch.zeros(b, arch.n_kv_heads, arch.groups, length)
         for bi in range(b):
@@ -246,8 +246,8 @@ def test_engine_selection_and_fetched_rows(name, threaded, monkeypatch):
     for bi in range(b):
         for h_ in range(arch.n_kv_heads):
             rows = idx[bi, h_]
-            assert torch.equal(keys[bi, h_], cache.store.kv[j, 0, rows, bi, h_])
-            assert torch.equal(values[bi, h_], cache.store.kv[j, 1, rows, bi, h_])
+            assert torch.equal(keys[bi, h_], cache.store.kv[j, rows, bi, h_, 0])
+            assert torch.equal(values[bi, h_], cache.store.kv[j, rows, bi, h_, 1])
 
 
 # -- errors, adapter ----------------------------------------------------------------------
