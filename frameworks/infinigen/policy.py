@@ -86,6 +86,8 @@ class InfiniGenPolicy(KVPolicy):
         a = self.arch
         shape = (a.n_layers, max_len, batch_size, a.n_kv_heads, a.head_dim, self.dtype)
         if self._store is None or not self._store.fits(*shape):
+            # sized for the cell's longest batch at once, so the warm-up's store is reused
+            shape = (a.n_layers, max(max_len, self.spec.prompt_len + self.spec.gen_len), *shape[2:])
             if self._store is not None:
                 self._store.close()
                 self._store = None

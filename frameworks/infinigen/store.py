@@ -31,7 +31,9 @@ class HostStore:
         return self.kv.numel() * self.kv.element_size()
 
     def fits(self, n_layers, max_len, batch, kv_heads, head_dim, dtype) -> bool:
-        return self.shape == (n_layers, max_len, batch, kv_heads, 2, head_dim) and self.kv.dtype == dtype
+        """Usable for a batch of max_len tokens (a longer store works: rows do not depend on it)."""
+        n, length, b, h, _, d = self.shape
+        return (n, b, h, d) == (n_layers, batch, kv_heads, head_dim) and length >= max_len and self.kv.dtype == dtype
 
     @property
     def batch(self) -> int:
