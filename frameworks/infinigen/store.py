@@ -21,7 +21,7 @@ class HostStore:
         self.kv = torch.empty(self.shape, dtype=dtype)
         self._registered = False
         if pin:
-            err = torch.cuda.cudart().cudaHostRegister(self.kv.data_ptr(), self.nbytes, 0)
+            err = torch.cuda.cudart().cudaHostRegister(self.kv.data_ptr(), self.nbytes, 1)  # portable
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {self.nbytes / 1e9:.1f} GB failed (error {int(err)})")
             self._registered = True

@@ -136,17 +136,27 @@ def test_speculation_with_all_columns_gives_the_true_logits(name):
 
 
 # -- full budget = full cache -----------------------------------------------------------
-@pytest.mark.parametrize("name,prefill,threaded", [
-    (LLAMA, "sdpa", None), (LLAMA, "eager", None), (LLAMA, "chunked", True), (OPT, "eager", None), (OPT, "chunked", True),
+@pytest.mark.parametrize("name,prefill,threaded,budget,policy", [
+    (LLAMA, "sdpa", None, 1.0, {}), (LLAMA, "eager", None, 1.0, {}), (LLAMA, "chunked", True, 1.0, {}),
+    (OPT, "eager", None, 1.0, {}), (OPT, "chunked", True, 1.0, {}),
+    (LLAMA, "sdpa", True, 0.1, {"max_num_kv": 10_000}),  # a token cap above the sequence length
+    (OPT, "sdpa", None, 0.1, {"max_num_kv": 10_000, "partial_weight_ratio": 0.5}),
 ])
-def test_budget_one_alpha_inf_equals_full_cache(name, prefill, threaded):
+def test_budget_covering_the_sequence_and_alpha_inf_equal_full_cache(name, prefill, threaded, budget, policy):
     ref, ref_tokens, _ = _generate(_spec(name, "hf", prefill), KVPolicy)
-    got, tokens, policy = _generate(_spec(name, prefill=prefill, alpha=math.inf), InfiniGenPolicy, threaded)
+    got, tokens, policy = _generate(_spec(name, prefill=prefill, kv_budget=budget, alpha=math.inf, **policy),
+                                    InfiniGenPolicy, threaded)
     assert (got - ref).abs().max() < ATOL
     assert torch.equal(tokens, ref_tokens)
     m = policy.metrics()
     # every speculated layer fetched the whole past of both sequences
     assert m["fetched_tokens_per_step_speculated"] > 0
+
+
+def test_all_layers_full_equals_full_cache():
+    ref, _, _ = _generate(_spec(LLAMA, "hf"), KVPolicy)
+    got, _, policy = _generate(_spec(LLAMA, kv_budget=0.1, full_layers=2), InfiniGenPolicy)
+    assert not policy.skews and (got - ref).abs().max() < ATOL
 
 
 def test_small_budget_fetches_at_most_the_budget():
