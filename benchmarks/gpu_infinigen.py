@@ -1,0 +1,249 @@
+"""GPU verification of the InfiniGen policy (issue 4). One H100, about 6-8 minutes.
+
+    python benchmarks/gpu_infinigen.py --out DIR            # H100: Llama-3.1-8B architecture, random bf16
+    python benchmarks/gpu_infinigen.py --out DIR --tiny     # CPU, tiny model, < 1 min (checks the script)
+
+Sections, each cell run in-process through the harness (`run_engine_cell`, `result.build`), so
+metric definitions match the pipeline; an OOM is recorded as a cell with status "oom":
+  pcie     host<->device bandwidth from page-locked memory (as the KV store) + CPU gather speed
+  batch    (a) prompt 2048, 128 generated, kv_budget 0.2, batch 1..32: infinigen vs hf full cache
+  overlap  (b) decode step with fetch vs without (the same policy, nothing moved) and vs the
+           copy-bound time fetched_bytes / bandwidth: pass if step <= 1.2 x max(no-fetch, copy)
+  prompt   (c) batch 1, growing prompts: `eager` until its first OOM, `flash` up to 128K
+Writes DIR/cells/*.json (cell results), DIR/pcie.json, DIR/summary.json (+ provenance) and
+prints a summary table last. A time guard skips (and records) what would not fit the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from frameworks import models  # noqa: E402
+from frameworks.harness import provenance, result  # noqa: E402
+from frameworks.harness.spec import CellSpec  # noqa: E402
+from frameworks.harness.worker import is_oom, now  # noqa: E402
+from frameworks.hf.policy import KVPolicy  # noqa: E402
+from frameworks.hf.runner import run_engine_cell  # noqa: E402
+from frameworks.infinigen.policy import InfiniGenPolicy  # noqa: E402
+
+
+class NoFetchPolicy(InfiniGenPolicy):
+    """Speculates and selects as usual but moves no KV: the overlap baseline (output is junk)."""
+
+    fetch = False
+
+
+class InlineGatherPolicy(InfiniGenPolicy):
+    """Gather on the main thread (no worker): shows what the thread buys."""
+
+    threaded = False
+
+
+POLICIES = {"infinigen": InfiniGenPolicy, "hf": KVPolicy, "infinigen-nofetch": NoFetchPolicy,
+            "infinigen-inline": InlineGatherPolicy}
+
+
+def plan(tiny: bool) -> dict:
+    if tiny:
+        return dict(model="tiny-llama-3.1", device="cpu", dtype="float32", prompt=256, gen=16, batches=[1, 4],
+                    overlap_batches=[1], overlap_gen=8, eager=[256, 512], flash=[512, 2048], sweep_gen=4)
+    return dict(model="llama-3.1-8b", device="cuda", dtype="bfloat16", prompt=2048, gen=128, batches=[1, 4, 8, 16, 32],
+                overlap_batches=[1, 8], overlap_gen=64, eager=[4096, 8192, 12288, 16384, 24576, 32768],
+                flash=[16384, 32768, 65536, 131072 - 8], sweep_gen=8)
+
+
+class Bench:
+    def __init__(self, out: Path, budget_s: float, tiny: bool, base: dict):
+        self.out, self.budget_s, self.tiny, self.base = out, budget_s, tiny, base
+        self.t0 = time.perf_counter()
+        self.rows: list[dict] = []
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+        self.prov = provenance.collect(0)
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.t0)
+
+    def cell(self, section: str, name: str, fw: str, est_s: float, **spec_kw) -> dict:
+        """Run one cell (or record why not); returns its summary row."""
+        policy_cls = POLICIES[fw]
+        framework = "hf" if fw == "hf" else "infinigen"
+        spec = CellSpec.from_dict(dict(experiment=f"gpu-{section}", framework=framework, **self.base, **spec_kw))
+        spec.validate(models.max_context(spec.model))
+        row = {"section": section, "name": name, "policy": fw, "batch": spec.batch_size, "prompt": spec.prompt_len,
+               "gen": spec.gen_len, "prefill": spec.prefill, "kv_budget": spec.kv_budget}
+        if est_s > self.left():
+            row.update(status="skipped", message=f"time guard: needs ~{est_s:.0f} s, {self.left():.0f} s left")
+            self.rows.append(row)
+            return row
+        started, t = now(), time.perf_counter()
+        meas, status, message = None, "ok", ""
+        try:
+            meas = run_engine_cell(spec, policy_cls)
+        except result.Unsupported as e:
+            status, message = "unsupported", str(e)
+        except BaseException as e:  # noqa: BLE001 - an OOM is a result; anything else is recorded too
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            if is_oom(e):
+                status, message = "oom", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            else:
+                status, message = "error", f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+        rec = result.build(spec.to_dict(), spec.cell_id, status, message, self.prov, started, now(),
+                           meas if status == "ok" else None)
+        rec["extra"]["bench_policy"] = fw
+        rec["extra"]["wall_s"] = time.perf_counter() - t
+        result.write_atomic(self.out / "cells" / f"{section}_{name}.json", rec)
+        row.update(status=status, message=message[:200], wall_s=round(time.perf_counter() - t, 1))
+        if status == "ok":
+            s, x = rec["summary"], rec["extra"]
+            row.update(out_tok_s=s["output_tok_s"], tpot_ms=s["tpot_ms"]["mean"] if s["tpot_ms"] else None,
+                       ttft_ms=s["ttft_ms"]["mean"], peak_gpu_mem_gb=s["peak_gpu_mem_gb"], kv_cache_bytes=s["kv_cache_bytes"],
+                       fetched_tokens_per_step=x.get("fetched_tokens_per_step"),
+                       fetched_tokens_per_seq_layer=x.get("fetched_tokens_per_seq_layer_speculated"),
+                       fetched_bytes_per_step=x.get("fetched_bytes_per_step"), h2d_gbps=x.get("h2d_bandwidth_gbps"),
+                       gather_ms_per_step=x.get("gather_ms_per_step"))
+        del meas
+        self.rows.append(row)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"[{time.perf_counter() - self.t0:6.0f}s] {section}/{name}: {status} {message[:120]}", flush=True)
+        return row
+
+
+def pcie(cuda: bool) -> dict:
+    """Page-locked (cudaHostRegister, as the KV store) <-> device bandwidth, and CPU gather speed."""
+    out = {}
+    if cuda:
+        n = 256 << 20
+        host = torch.empty(n, dtype=torch.uint8)
+        torch.cuda.cudart().cudaHostRegister(host.data_ptr(), n, 0)
+        dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+        for name, (dst, src) in {"h2d_gbps": (dev, host), "d2h_gbps": (host, dev)}.items():
+            for _ in range(2):
+                dst.copy_(src, non_blocking=True)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(10):
+                dst.copy_(src, non_blocking=True)
+            e.record()
+            e.synchronize()
+            out[name] = 10 * n / (s.elapsed_time(e) * 1e-3) / 1e9
+        torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+        del host, dev
+    # CPU gather of InfiniGen's rows (256 B for d=128 bf16) at batch 8, 2176 tokens, 409 selected
+    length, b, h, d, k = 2176, 8, 8, 128, 409
+    store = torch.randn(length * b * h, 2 * d).to(torch.bfloat16)  # key | value rows, as the store
+    idx = torch.randint(0, length, (b, h, k))
+    rows = (idx * (b * h) + torch.arange(b * h).view(b, h, 1)).reshape(-1)
+    buf = torch.empty(rows.numel(), 2 * d, dtype=torch.bfloat16, pin_memory=cuda)
+    torch.index_select(store, 0, rows, out=buf)
+    t = time.perf_counter()
+    for _ in range(20):
+        torch.index_select(store, 0, rows, out=buf)
+    out["cpu_gather_gbps"] = 20 * buf.numel() * 2 / (time.perf_counter() - t) / 1e9
+    out["cpu_threads"] = torch.get_num_threads()
+    return out
+
+
+def overlap_verdicts(rows: list[dict], bw_gbps: float | None) -> list[dict]:
+    by = {(r["policy"], r["batch"]): r for r in rows if r["section"] == "overlap" and r["status"] == "ok"}
+    verdicts = []
+    for (pol, b), r in by.items():
+        if pol != "infinigen" or ("infinigen-nofetch", b) not in by:
+            continue
+        base = by[("infinigen-nofetch", b)]["tpot_ms"]
+        copy_ms = r["fetched_bytes_per_step"] / (bw_gbps * 1e9) * 1e3 if bw_gbps and r["fetched_bytes_per_step"] else 0.0
+        bound = max(base, copy_ms)
+        inline = by.get(("infinigen-inline", b))
+        verdicts.append({"batch": b, "step_ms": r["tpot_ms"], "no_fetch_step_ms": base, "copy_bound_ms": copy_ms,
+                         "ratio": r["tpot_ms"] / bound, "pass": r["tpot_ms"] <= 1.2 * bound,
+                         "inline_gather_step_ms": inline["tpot_ms"] if inline else None,
+                         "bandwidth_gbps_used": bw_gbps})
+    return verdicts
+
+
+def table(rows: list[dict], verdicts: list[dict]) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    head = f"{'section':8} {'policy':18} {'bs':>3} {'prompt':>7} {'prefill':7} {'status':8} {'tok/s':>8} {'TPOT ms':>8} " \
+           f"{'peakGB':>7} {'fetch tok/step':>14} {'fetch MB/step':>13} {'H2D GB/s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['section']:8} {r['policy']:18} {r['batch']:>3} {r['prompt']:>7} {r['prefill']:7} {r['status']:8} "
+                     f"{f(r.get('out_tok_s'), '8.1f')} {f(r.get('tpot_ms'), '8.2f')} {f(r.get('peak_gpu_mem_gb'), '7.2f')} "
+                     f"{f(r.get('fetched_tokens_per_step'), '14.0f')} "
+                     f"{f(r['fetched_bytes_per_step'] / 1e6 if r.get('fetched_bytes_per_step') else None, '13.2f')} "
+                     f"{f(r.get('h2d_gbps'), '8.1f')}")
+    for v in verdicts:
+        lines.append(f"overlap bs={v['batch']}: step {v['step_ms']:.2f} ms vs 1.2 x max(no-fetch {v['no_fetch_step_ms']:.2f}, "
+                     f"copy {v['copy_bound_ms']:.2f}) -> {'PASS' if v['pass'] else 'FAIL'} (ratio {v['ratio']:.2f}; "
+                     f"inline gather {f(v['inline_gather_step_ms'], '.2f')} ms)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--tiny", action="store_true", help="CPU, tiny model: checks the script, numbers mean nothing")
+    ap.add_argument("--time-budget-s", type=float, default=None, help="default 450 (GPU), 55 (--tiny)")
+    args = ap.parse_args(argv)
+    p = plan(args.tiny)
+    if p["device"] == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --tiny for the CPU check", file=sys.stderr)
+        return 2
+    base = dict(model=p["model"], device=p["device"], dtype=p["dtype"], repetitions=1)
+    bench = Bench(args.out, args.time_budget_s or (55.0 if args.tiny else 450.0), args.tiny, base)
+
+    bw = pcie(p["device"] == "cuda")
+    (args.out / "pcie.json").write_text(json.dumps(bw, indent=1))
+    print(f"pcie/gather: {bw}", flush=True)
+
+    # (a) batch sweep; estimates are rough seconds on an H100 (model build included)
+    for b in p["batches"]:
+        for fw in ("infinigen", "hf"):
+            bench.cell("batch", f"{fw}_bs{b}", fw, est_s=8 + (1.2 * b if fw == "infinigen" else 0.3 * b),
+                       batch_size=b, prompt_len=p["prompt"], gen_len=p["gen"], prefill="flash",
+                       kv_budget=0.2 if fw == "infinigen" else 1.0)
+    # (b) overlap
+    for b in p["overlap_batches"]:
+        for fw in ("infinigen", "infinigen-nofetch", "infinigen-inline"):
+            bench.cell("overlap", f"{fw}_bs{b}", fw, est_s=8 + 0.6 * b, batch_size=b, prompt_len=p["prompt"],
+                       gen_len=p["overlap_gen"], prefill="flash", kv_budget=0.2)
+    # (c) prompt sweep at batch 1: eager until the first OOM, then flash to 128K
+    oom = None
+    for n in p["eager"]:
+        if oom is not None:
+            bench.rows.append({"section": "prompt", "name": f"eager_{n}", "policy": "infinigen", "batch": 1, "prompt": n,
+                               "gen": p["sweep_gen"], "prefill": "eager", "kv_budget": 0.2, "status": "skipped",
+                               "message": f"eager already OOM at {oom} tokens"})
+            continue
+        r = bench.cell("prompt", f"eager_{n}", "infinigen", est_s=10 + n / 2000, batch_size=1, prompt_len=n,
+                       gen_len=p["sweep_gen"], prefill="eager", kv_budget=0.2, warmup=0)
+        oom = n if r["status"] == "oom" else None
+    for n in p["flash"]:
+        bench.cell("prompt", f"flash_{n}", "infinigen", est_s=10 + n / 3000, batch_size=1, prompt_len=n,
+                   gen_len=p["sweep_gen"], prefill="flash", kv_budget=0.2, warmup=0)
+
+    verdicts = overlap_verdicts(bench.rows, bw.get("h2d_gbps"))
+    summary = {"plan": p, "pcie": bw, "rows": bench.rows, "overlap": verdicts, "provenance": bench.prov,
+               "elapsed_s": time.perf_counter() - bench.t0, "time_budget_s": bench.budget_s}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(table(bench.rows, verdicts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

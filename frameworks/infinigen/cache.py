@@ -1,0 +1,139 @@
+"""The transformers Cache of one batch: appends go to the host store, attention gets fetched rows.
+
+Per layer and step: the new token's K/V are appended to the host store (and, for a speculated
+layer, its partial key to the GPU partial-key cache); attention then sees the fetched rows
+(the whole prefix for a full layer, the selected tokens otherwise) followed by the new token's
+own K/V, which is used straight from the GPU. Prefill returns the chunk's K/V (plus, for later
+chunks of a chunked prefill, the earlier chunks read back from the host).
+
+Launch points (forward pre-hook of decoder layer i, see `on_layer_start`):
+  - speculation + fetch of layer i+1 (if speculated), overlapping layer i;
+  - the next step's prefetch of full layer i-1, overlapping layers i..N-1 (its attention for
+    this step is already enqueued, so its device buffer is free). The first decode step of a
+    batch loads full layers on demand.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from frameworks.infinigen import select, skew
+from frameworks.infinigen.store import Slot
+
+
+class InfiniGenLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: InfiniGenCache, index: int, full: bool):
+        super().__init__()
+        self.owner, self.index, self.full = owner, index, full
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self.owner.layer_update(self, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.owner.max_len
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class InfiniGenCache(Cache):
+    def __init__(self, policy, store, batch: int, max_len: int):
+        arch = policy.arch
+        super().__init__(layers=[InfiniGenLayer(self, i, i < policy.full_layers) for i in range(arch.n_layers)])
+        self.policy, self.arch, self.store = policy, arch, store
+        self.transfer = policy.transfer
+        self.batch, self.max_len = batch, max_len
+        dev, dtype = policy.device, policy.dtype
+        b, hkv, d = batch, arch.n_kv_heads, arch.head_dim
+        self.partial_k = {j: torch.empty((b, hkv, max_len, s.proj.shape[-1]), dtype=dtype, device=dev)
+                          for j, s in policy.skews.items()}
+        cuda = self.transfer.cuda
+        self.full_dev = {i: torch.empty((max_len, b, hkv, 2, d), dtype=dtype, device=dev) if cuda else None
+                         for i in range(min(policy.full_layers, arch.n_layers))}
+        rows = b * hkv * min(policy.cap(max_len), max_len)
+        self.slots = [Slot(rows, d, dtype, dev, cuda) for _ in range(2)] if policy.skews else []
+        self.pending: list = [None] * arch.n_layers
+
+    def device_bytes(self) -> int:
+        """KV held on the compute device: partial keys and the fetch buffers."""
+        ts = list(self.partial_k.values()) + [t for t in self.full_dev.values() if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts) + sum(s.nbytes for s in self.slots)
+
+    # -- launch points ------------------------------------------------------------------
+    def on_layer_start(self, i: int, hidden: torch.Tensor, position_embeddings) -> None:
+        if hidden.shape[1] != 1 or self.layers[i].length == 0:
+            return  # prefill: nothing to speculate
+        if i == 0:
+            self.transfer.stats["steps"] += 1
+        j = i + 1
+        if j < self.arch.n_layers and not self.layers[j].full:
+            self.pending[j] = self._launch_sparse(j, hidden, position_embeddings)
+        if i >= 1 and self.layers[i - 1].full:
+            self.pending[i - 1] = self._launch_full(i - 1)
+
+    def _launch_full(self, i: int, length: int | None = None):
+        length = self.layers[i].length if length is None else length
+        return self.transfer.launch_full(self.store, i, length, self.full_dev[i])
+
+    def _launch_sparse(self, j: int, hidden: torch.Tensor, position_embeddings):
+        length = self.layers[j].length
+        cap = self.policy.cap(length)
+        partial_k = self.partial_k[j][:, :, :length]
+        sk = self.policy.skews[j]
+        alpha = self.policy.alpha
+
+        def speculate():
+            pq = skew.partial_query(self.arch, j, sk, hidden, position_embeddings)
+            return select.select(select.scores(pq, partial_k), alpha, cap)
+
+        extra = (partial_k, *(position_embeddings or ()))
+        return self.transfer.launch_sparse(self.store, j, self.slots[j % 2], speculate, hidden, extra)
+
+    # -- the update -----------------------------------------------------------------------
+    def layer_update(self, layer: InfiniGenLayer, key: torch.Tensor, value: torch.Tensor):
+        i, n, start = layer.index, key.shape[2], layer.length
+        end = start + n
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} tokens > preallocated {self.max_len}")
+        self.store.append(i, start, key, value)
+        if not layer.full:
+            self.partial_k[i][:, :, start:end] = torch.matmul(key, self.policy.skews[i].proj)
+        layer.length = end
+        if n > 1 or start == 0:
+            return self._prefill_kv(i, start, key, value)
+        pending = self.pending[i]
+        self.pending[i] = None
+        if pending is None:
+            if not layer.full:
+                raise RuntimeError(f"layer {i}: decode step without a speculation (was the policy prepared?)")
+            pending = self._launch_full(i, start)
+        got = pending.wait()
+        if got.tokens != start and layer.full:
+            raise RuntimeError(f"layer {i}: prefetched {got.tokens} tokens, expected {start}")
+        self.transfer.account(got, self.batch, layer.full)
+        return torch.cat([got.keys, key], dim=2), torch.cat([got.values, value], dim=2)
+
+    def _prefill_kv(self, i: int, start: int, key: torch.Tensor, value: torch.Tensor):
+        if start == 0:
+            return key, value
+        # a later chunk: the earlier ones come back from the host (same stream as their append)
+        prev = self.store.prefix(i, start).to(key.device, non_blocking=True)  # [start, B, Hkv, 2, d]
+        keys, values = (prev[..., w, :].permute(1, 2, 0, 3) for w in (0, 1))
+        return torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2)

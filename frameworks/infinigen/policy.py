@@ -1,0 +1,123 @@
+"""InfiniGen as a KVPolicy: options, load-time skewing and hooks, per-batch caches, metrics.
+
+Policy keys (CellSpec.policy): alpha (default 4, logit units: a token is critical when its
+speculated logit is > max - alpha), partial_weight_ratio (0.2: share of a head's dimensions kept
+for speculation), max_num_kv (a token cap per sequence and kv head; default: the cell's
+kv_budget x the current sequence length), full_layers (1: the first layers load the whole
+cache, as upstream). kv_budget = 1 and alpha = inf fetch everything: the full-cache result.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+import torch
+
+from frameworks.harness.result import Unsupported
+from frameworks.hf.policy import KVPolicy
+from frameworks.infinigen import attention, skew
+from frameworks.infinigen.arch import Arch
+from frameworks.infinigen.cache import InfiniGenCache
+from frameworks.infinigen.store import HostStore
+from frameworks.infinigen.transfer import Transfer
+
+DEFAULTS = {"alpha": 4.0, "partial_weight_ratio": 0.2, "max_num_kv": None, "full_layers": 1}
+SKEW_TOKENS = 512  # warm-up tokens for the SVD (upstream: 2048 of PG-19; random weights here)
+
+
+class InfiniGenPolicy(KVPolicy):
+    name = "infinigen"
+    threaded: bool | None = None  # None: a gather thread on CUDA only (tests force it on CPU)
+    fetch: bool = True  # False: speculate but move nothing (overlap benchmark baseline)
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        opts = {**DEFAULTS, **(spec.policy or {})}
+        self.alpha = float(opts["alpha"])
+        self.ratio = float(opts["partial_weight_ratio"])
+        self.max_num_kv = None if opts["max_num_kv"] is None else int(opts["max_num_kv"])
+        self.full_layers = int(opts["full_layers"])
+        self.kv_budget = float(spec.kv_budget)
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"partial_weight_ratio must be in (0, 1], got {self.ratio}")
+        if self.alpha < 0 or math.isnan(self.alpha):
+            raise ValueError(f"alpha must be >= 0, got {opts['alpha']}")
+        if self.full_layers < 1:
+            raise ValueError("full_layers must be >= 1 (layer 0 has no previous layer to speculate from)")
+        if self.max_num_kv is not None and self.max_num_kv < 1:
+            raise ValueError(f"max_num_kv must be >= 1, got {self.max_num_kv}")
+        self._store: HostStore | None = None
+        self.skews: dict = {}
+
+    def attn_implementation(self, prefill: str) -> str:
+        return attention.EAGER if prefill == "eager" else attention.SDPA
+
+    def cap(self, length: int) -> int:
+        """KV budget in tokens per sequence and kv head, for a sequence of `length` tokens."""
+        cap = self.max_num_kv if self.max_num_kv is not None else int(self.kv_budget * length)
+        return max(1, min(cap, length))
+
+    # -- load time ------------------------------------------------------------------------
+    def prepare(self, model) -> None:
+        self.arch = Arch(model)
+        if model.config._attn_implementation not in (attention.EAGER, attention.SDPA):
+            raise Unsupported("the model was not built with InfiniGen's attention implementation")
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.full_layers = min(self.full_layers, self.arch.n_layers)
+        n_tokens = min(SKEW_TOKENS, int(model.config.max_position_embeddings))
+        rng = np.random.default_rng([self.spec.seed, 0x5CE])  # not the cell's prompts
+        tokens = torch.as_tensor(rng.integers(0, model.config.vocab_size, (1, n_tokens)), device=self.device)
+        self.skews = skew.build(model, self.arch, range(self.full_layers, self.arch.n_layers), tokens, self.ratio)
+        for i, layer in enumerate(self.arch.layers):
+            layer.register_forward_pre_hook(partial(self._pre_hook, i), with_kwargs=True)
+        self.transfer = Transfer(self.device, threaded=self.threaded, fetch=self.fetch)
+
+    def _pre_hook(self, i: int, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, InfiniGenCache):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cache.on_layer_start(i, hidden, kwargs.get("position_embeddings"))
+
+    # -- per batch --------------------------------------------------------------------------
+    def new_cache(self, model, batch_size: int, max_len: int) -> InfiniGenCache:
+        a = self.arch
+        shape = (a.n_layers, max_len, batch_size, a.n_kv_heads, a.head_dim, self.dtype)
+        if self._store is None or not self._store.fits(*shape):
+            # sized for the cell's longest batch at once, so the warm-up's store is reused
+            shape = (a.n_layers, max(max_len, self.spec.prompt_len + self.spec.gen_len), *shape[2:])
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+            self._store = HostStore(*shape, pin=self.transfer.cuda)
+        return InfiniGenCache(self, self._store, batch_size, max_len)
+
+    def kv_bytes(self, cache) -> int:
+        return cache.device_bytes()
+
+    def metrics(self) -> dict:
+        s = self.transfer.stats
+        steps = max(s["steps"], 1)
+        sparse_layers = len(self.skews)
+        return {
+            "infinigen": {
+                "alpha": self.alpha, "partial_weight_ratio": self.ratio, "max_num_kv": self.max_num_kv,
+                "kv_budget": self.kv_budget, "full_layers": self.full_layers,
+                "partial_dims": int(next(iter(self.skews.values())).proj.shape[-1]) if self.skews else None,
+                "skew_energy_kept": float(np.mean([v.energy for v in self.skews.values()])) if self.skews else None,
+                "gather": "cpu-index_select" + ("+thread" if self.transfer.pool else ""),
+                "fetch": self.transfer.fetch,
+            },
+            "decode_steps": s["steps"],
+            "fetched_tokens_per_step": (s["full_tokens"] + s["sparse_tokens"]) / steps,
+            "fetched_tokens_per_step_speculated": s["sparse_tokens"] / steps,
+            "fetched_tokens_per_seq_layer_speculated":
+                s["sparse_tokens"] / max(s["sparse_fetches"], 1) / self._store.batch if self._store else None,
+            "fetched_bytes_per_step": s["bytes"] / steps,
+            "h2d_bandwidth_gbps": self.transfer.measured_bandwidth_gbps(),
+            "gather_ms_per_step": s["gather_s"] * 1e3 / steps,
+            "host_kv_bytes": self._store.nbytes if self._store else 0,
+            "speculated_layers": sparse_layers,
+        }

@@ -1,0 +1,126 @@
+"""Skewing at load time and the partial query / partial key it enables.
+
+Choice (documented in the report): as upstream, the rotation comes from the queries of a
+warm-up forward pass (seeded random tokens: weights may be random, so no text is assumed),
+not from the weights. For each layer and kv head, A is the right-singular basis of the
+group's queries Q [tokens x queries-per-kv-head, d] (computed as the eigenvectors of QᵀQ, d x d,
+which is the same basis and cheap for any token count). In that basis a few columns of QA carry
+most of the energy; the `r = int(partial_weight_ratio * d)` columns with the largest absolute
+column sum (upstream's rule) are kept. With GQA the rotation is per kv head because the query
+heads of a group share one key: (q_h A)·(k_g A) = q_h·k_g needs the same A for both.
+
+Where A is applied relative to RoPE:
+- Llama (RoPE): on the *post-RoPE* query and key, as upstream's Llama code does. RoPE is a
+  position-dependent rotation R_m; (R_m q)ᵀ A Aᵀ (R_n k) = (R_m q)ᵀ (R_n k) for orthogonal A,
+  so the skewed logits equal the true ones at every position, whereas A folded into W_q / W_k
+  (before RoPE) would not commute with R_m (tests prove both). Hence A is not folded: the
+  attention keeps the model's keys, the partial key cache is (RoPE(k) A)[:, cols] and the
+  partial query (RoPE(W_q x) A)[:, cols] — RoPE mixes all of a head's dimensions, so it needs
+  the full (already GPU-resident) q_proj of the next layer; only A[:, cols] is extra.
+- OPT (no RoPE): A is folded into W_q, b_q, W_k, b_k (W <- AᵀW per head, as upstream's
+  `skew`), so the cached keys are skewed; the partial key is a column gather and the partial
+  query projection is the kept rows of the skewed W_q: a genuine [H·r, D] matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LayerSkew:
+    proj: torch.Tensor  # [Hkv, d, r]: partial key = key @ proj (per kv head)
+    cols: torch.Tensor  # [Hkv, r] kept columns of the skewed space
+    energy: float  # share of the warm-up queries' squared norm in the kept columns
+    wq: torch.Tensor | None = None  # OPT: partial query weight [H*r, D]
+    bq: torch.Tensor | None = None  # OPT: its bias [H*r]
+
+
+def capture(model, arch, layers, tokens: torch.Tensor) -> dict:
+    """Post-RoPE queries and keys of a forward pass: {layer: (q [Hq, T, d], k [Hkv, T, d])} float32."""
+    sinks = {i: [] for i in layers}
+    for i in layers:
+        arch.attn(i)._infinigen_capture = sinks[i]
+    try:
+        with torch.inference_mode():
+            model(input_ids=tokens, use_cache=False)
+    finally:
+        for i in layers:
+            del arch.attn(i)._infinigen_capture
+    return {i: (s[0][0][0].float(), s[0][1][0].float()) for i, s in sinks.items()}
+
+
+def rotation(q: torch.Tensor) -> torch.Tensor:
+    """q [n, d] -> orthogonal A [d, d], columns by decreasing singular value of q."""
+    evals, evecs = torch.linalg.eigh(q.T.double() @ q.double())
+    return evecs.flip(-1).to(q.dtype)
+
+
+def layer_skew(q: torch.Tensor, n_kv: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """q [Hq, T, d] of one layer -> (A [Hkv, d, d], cols [Hkv, r], energy share)."""
+    hq, _, d = q.shape
+    r = max(1, int(d * ratio))
+    groups = q.reshape(n_kv, (hq // n_kv) * q.shape[1], d)
+    rots, cols, kept, total = [], [], 0.0, 0.0
+    for qg in groups:
+        a = rotation(qg)
+        qa = qg @ a
+        c = qa.abs().sum(0).topk(r).indices.sort().values
+        rots.append(a)
+        cols.append(c)
+        kept += float(qa[:, c].pow(2).sum())
+        total += float(qa.pow(2).sum())
+    return torch.stack(rots), torch.stack(cols), kept / max(total, 1e-30)
+
+
+def _rotate_rows(linear, a: torch.Tensor, head_dim: int) -> None:
+    """W <- Aᵀ W and b <- Aᵀ b per head (so the projection's output becomes q A)."""
+    w = linear.weight.data
+    wf = w.float().view(a.shape[0], head_dim, -1)
+    linear.weight.data.copy_(torch.matmul(a.transpose(1, 2), wf).view_as(w))
+    if linear.bias is not None:
+        bf = linear.bias.data.float().view(a.shape[0], head_dim, 1)
+        linear.bias.data.copy_(torch.matmul(a.transpose(1, 2), bf).view_as(linear.bias))
+
+
+def build(model, arch, layers, tokens: torch.Tensor, ratio: float) -> dict[int, LayerSkew]:
+    """Skew every layer in `layers` (folding into OPT's weights) and return their partial data."""
+    captured = capture(model, arch, layers, tokens)
+    out = {}
+    for i in layers:
+        q, _ = captured[i]
+        a, cols, energy = layer_skew(q, arch.n_kv_heads, ratio)
+        d = arch.head_dim
+        gather = cols[:, None, :].expand(-1, d, -1)
+        attn = arch.attn(i)
+        dev, dtype = attn.q_proj.weight.device, attn.q_proj.weight.dtype
+        if arch.rope:
+            proj = torch.gather(a, 2, gather)
+            out[i] = LayerSkew(proj.to(dev, dtype), cols.to(dev), energy)
+        else:
+            a = a.to(dev)
+            _rotate_rows(attn.q_proj, a, d)
+            _rotate_rows(attn.k_proj, a, d)
+            eye = torch.eye(d, device=dev).expand(arch.n_kv_heads, d, d)
+            proj = torch.gather(eye, 2, gather.to(dev))
+            rows = (cols.to(dev) + torch.arange(arch.n_heads, device=dev)[:, None] * d).reshape(-1)
+            wq = attn.q_proj.weight.data.index_select(0, rows)
+            bq = attn.q_proj.bias.data.index_select(0, rows) if attn.q_proj.bias is not None else None
+            out[i] = LayerSkew(proj.to(dtype), cols.to(dev), energy, wq, bq)
+    return out
+
+
+def partial_query(arch, j: int, skew: LayerSkew, x: torch.Tensor, position_embeddings=None) -> torch.Tensor:
+    """Layer j's partial query from the hidden state x [B, 1, D] (another layer's input):
+    [B, Hkv, G, r], scaled so that partial_query · partial_key approximates the logit."""
+    b = x.shape[0]
+    if skew.wq is not None:  # OPT: the partial projection itself
+        attn = arch.attn(j)
+        pq = F.linear(arch.norm(j)(x), skew.wq, skew.bq) * attn.scaling
+        return pq.view(b, arch.n_kv_heads, arch.groups, -1)
+    q = arch.query(j, x, position_embeddings)  # [B, Hq, 1, d] post-RoPE
+    q = q.reshape(b, arch.n_kv_heads, arch.groups, arch.head_dim)
+    return torch.matmul(q, skew.proj) * arch.logit_scale(j)

@@ -1,0 +1,285 @@
+"""InfiniGen policy on CPU, tiny models, float32.
+
+Tolerances (float32 on CPU): logits within 1e-4 absolute of the reference (observed ~3e-7);
+skewed logits within 1e-4 relative to the largest |logit|.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from frameworks import models
+from frameworks.harness.result import Unsupported
+from frameworks.harness.spec import CellSpec
+from frameworks.hf.engine import Engine
+from frameworks.hf.policy import KVPolicy
+from frameworks.infinigen import select, skew
+from frameworks.infinigen.arch import Arch
+from frameworks.infinigen.policy import InfiniGenPolicy
+from frameworks.infinigen.transfer import Transfer
+
+LLAMA, OPT = "tiny-llama-3.1", "tiny-opt"
+ATOL = 1e-4
+
+
+def _spec(model, framework="infinigen", prefill="sdpa", kv_budget=1.0, **policy):
+    return CellSpec(experiment="unit", framework=framework, model=model, device="cpu", dtype="float32",
+                    prefill=prefill, chunk_size=24, kv_budget=kv_budget, policy=policy, batch_size=2,
+                    prompt_len=48, gen_len=6)
+
+
+def _engine(spec, policy_cls, threaded=None):
+    policy = policy_cls(spec)
+    if threaded is not None:
+        policy.threaded = threaded
+    model = models.build(spec.model, "random", "cpu", "float32", policy.attn_implementation(spec.prefill), 0)
+    policy.prepare(model)
+    eng = Engine(model, policy, "cpu", spec.prefill, spec.chunk_size)
+    eng.collect_logits = True
+    return eng, policy, model
+
+
+def _prompts(model, b=2, n=48, seed=1):
+    return np.random.default_rng(seed).integers(0, model.config.vocab_size, (b, n))
+
+
+def _generate(spec, policy_cls, threaded=None, gen=6):
+    eng, policy, model = _engine(spec, policy_cls, threaded)
+    eng.generate(_prompts(model), gen)
+    return torch.stack(eng.step_logits), eng.last_tokens, policy
+
+
+# -- skewing ----------------------------------------------------------------------------
+def test_skew_folded_into_opt_weights_leaves_outputs_unchanged():
+    plain = models.build(OPT, "random", "cpu", "float32", "sdpa", 0)
+    eng, policy, skewed = _engine(_spec(OPT), InfiniGenPolicy)
+    ids = torch.as_tensor(_prompts(plain))
+    w0, w1 = plain.model.decoder.layers[1].self_attn.q_proj.weight, skewed.model.decoder.layers[1].self_attn.q_proj.weight
+    assert not torch.allclose(w0, w1, atol=1e-3), "layer 1 should have been skewed"
+    with torch.inference_mode():
+        a, b = plain(input_ids=ids).logits, skewed(input_ids=ids).logits
+    assert (a - b).abs().max() < ATOL
+
+
+def test_skew_concentrates_energy():
+    eng, policy, _ = _engine(_spec(OPT, partial_weight_ratio=0.25), InfiniGenPolicy)
+    # a random rotation would keep ~r/d of the energy; the SVD basis keeps more
+    assert all(s.energy > 0.25 for s in policy.skews.values())
+
+
+def test_skew_after_rope_commutes_and_before_rope_does_not():
+    """RoPE is R_m; A orthogonal. After RoPE: (Aᵀ R_m q)·(Aᵀ R_n k) = (R_m q)·(R_n k) exactly.
+    Folded into the weights (before RoPE): (R_m Aᵀ q)·(R_n Aᵀ k) differs."""
+    model = models.build(LLAMA, "random", "cpu", "float32", "sdpa", 0)
+    arch = Arch(model)
+    d, n = arch.head_dim, 40
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, n, d, generator=g), torch.randn(1, 1, n, d, generator=g)
+    a = skew.rotation(torch.randn(200, d, generator=g) * torch.linspace(3, 0.1, d))
+    assert torch.allclose(a.T @ a, torch.eye(d), atol=1e-5)
+    pos = torch.arange(n)[None]
+    pe = model.model.rotary_emb(q, pos)
+    true = arch.rope_apply(q, pe) @ arch.rope_apply(k, pe).transpose(-1, -2)
+    after = (arch.rope_apply(q, pe) @ a) @ (arch.rope_apply(k, pe) @ a).transpose(-1, -2)
+    before = arch.rope_apply(q @ a, pe) @ arch.rope_apply(k @ a, pe).transpose(-1, -2)
+    scale = true.abs().max()
+    assert (after - true).abs().max() / scale < 1e-4
+    assert (before - true).abs().max() / scale > 1e-2
+
+
+def _capture_decode_step(model, policy, eng, j):
+    """Run a prefill + one decode step; return layer j's decode input, its position embeddings,
+    the query the attention really used, and the cache."""
+    seen = {}
+    layer = policy.arch.layers[j]
+
+    def pre(module, args, kwargs):
+        if args[0].shape[1] == 1:
+            seen["x"], seen["pe"] = args[0], kwargs.get("position_embeddings")
+            policy.arch.attn(j)._infinigen_capture = seen.setdefault("sink", [])
+
+    h = layer.register_forward_pre_hook(pre, with_kwargs=True)
+    caches = []
+    orig = policy.new_cache
+    policy.new_cache = lambda *a: caches.append(orig(*a)) or caches[-1]
+    try:
+        eng.generate(_prompts(model), 2)
+    finally:
+        h.remove()
+        policy.new_cache = orig
+        policy.arch.attn(j).__dict__.pop("_infinigen_capture", None)
+    return seen["x"], seen["pe"], seen["sink"][0][0], caches[-1]
+
+
+@pytest.mark.parametrize("name", [LLAMA, OPT])
+def test_speculation_with_all_columns_gives_the_true_logits(name):
+    """partial_weight_ratio 1: partial query (position m) x cached partial keys (positions < m)
+    = the logits of the model's own attention: the skew is placed consistently with RoPE."""
+    eng, policy, model = _engine(_spec(name, partial_weight_ratio=1.0, alpha=math.inf), InfiniGenPolicy)
+    j = 1
+    x, pe, q_true, cache = _capture_decode_step(model, policy, eng, j)
+    length = 48  # prompt: the partial keys of the decode step's past
+    arch = policy.arch
+    keys, _ = cache.store.keys_values(j, length)  # [B, Hkv, L, d] as the model made them
+    b = keys.shape[0]
+    qg = q_true.reshape(b, arch.n_kv_heads, arch.groups, arch.head_dim)
+    true = torch.matmul(qg, keys.transpose(-1, -2)) * arch.logit_scale(j)
+    with torch.inference_mode():
+        pq = skew.partial_query(arch, j, policy.skews[j], x, pe)
+        spec = select.scores(pq, cache.partial_k[j][:, :, :length])
+    assert (spec - true).abs().max() / true.abs().max() < 1e-4
+
+
+# -- full budget = full cache -----------------------------------------------------------
+@pytest.mark.parametrize("name,prefill,threaded,budget,policy", [
+    (LLAMA, "sdpa", None, 1.0, {}), (LLAMA, "eager", None, 1.0, {}), (LLAMA, "chunked", True, 1.0, {}),
+    (OPT, "eager", None, 1.0, {}), (OPT, "chunked", True, 1.0, {}),
+    (LLAMA, "sdpa", True, 0.1, {"max_num_kv": 10_000}),  # a token cap above the sequence length
+    (OPT, "sdpa", None, 0.1, {"max_num_kv": 10_000, "partial_weight_ratio": 0.5}),
+])
+def test_budget_covering_the_sequence_and_alpha_inf_equal_full_cache(name, prefill, threaded, budget, policy):
+    ref, ref_tokens, _ = _generate(_spec(name, "hf", prefill), KVPolicy)
+    got, tokens, policy = _generate(_spec(name, prefill=prefill, kv_budget=budget, alpha=math.inf, **policy),
+                                    InfiniGenPolicy, threaded)
+    assert (got - ref).abs().max() < ATOL
+    assert torch.equal(tokens, ref_tokens)
+    m = policy.metrics()
+    # every speculated layer fetched the whole past of both sequences
+    assert m["fetched_tokens_per_step_speculated"] > 0
+
+
+def test_all_layers_full_equals_full_cache():
+    ref, _, _ = _generate(_spec(LLAMA, "hf"), KVPolicy)
+    got, _, policy = _generate(_spec(LLAMA, kv_budget=0.1, full_layers=2), InfiniGenPolicy)
+    assert not policy.skews and (got - ref).abs().max() < ATOL
+
+
+def test_small_budget_fetches_at_most_the_budget():
+    got, _, policy = _generate(_spec(LLAMA, kv_budget=0.2), InfiniGenPolicy)
+    m = policy.metrics()
+    assert 1 <= m["fetched_tokens_per_seq_layer_speculated"] <= int(0.2 * (48 + 6))
+    ref, _, _ = _generate(_spec(LLAMA, "hf"), KVPolicy)
+    assert (got - ref).abs().max() > ATOL  # it really used fewer tokens
+
+
+# -- selection --------------------------------------------------------------------------
+def _naive_select(logits, alpha, cap):
+    """Written independently of select.select: loops, python sorting."""
+    b, hkv, g, length = logits.shape
+    counts = []
+    for bi in range(b):
+        for h in range(hkv):
+            for gi in range(g):
+                row = logits[bi, h, gi].tolist()
+                m = max(row)
+                counts.append(sum(1 for v in row if v > m - alpha))
+    k = min(max(sum(counts) // len(counts), 1), min(cap, length))
+    chosen = {}
+    for bi in range(b):
+        for h in range(hkv):
+            score = [max(logits[bi, h, gi, t].item() for gi in range(g)) for t in range(length)]
+            order = sorted(range(length), key=lambda t: -score[t])
+            chosen[bi, h] = set(order[:k])
+    return k, chosen
+
+
+@pytest.mark.parametrize("alpha,cap", [(0.5, 100), (2.0, 5), (4.0, 30), (math.inf, 100), (math.inf, 7)])
+def test_selection_matches_naive_reference(alpha, cap):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 2, 4, 50, generator=g) * 2
+    idx, k = select.select(logits, alpha, cap)
+    k_ref, chosen = _naive_select(logits, alpha, cap)
+    assert int(k) == k_ref
+    for (bi, h), want in chosen.items():
+        assert set(idx[bi, h, : int(k)].tolist()) == want
+
+
+@pytest.mark.parametrize("name,threaded", [(LLAMA, False), (LLAMA, True), (OPT, False)])
+def test_engine_selection_and_fetched_rows(name, threaded, monkeypatch):
+    """In a real decode: the selection of layer j equals the naive reference computed from layer
+    j-1's input, and the rows that reach attention equal the host store's rows."""
+    eng, policy, model = _engine(_spec(name, kv_budget=0.3, alpha=3.0), InfiniGenPolicy, threaded)
+    arch, j = policy.arch, 1
+    records = []
+    orig_gather = Transfer._gather
+
+    def gather(self, store, layer, slot, idx_host, selected, after):
+        got = orig_gather(self, store, layer, slot, idx_host, selected, after)
+        records.append((layer, idx_host[..., : got.tokens].clone(), got.keys.clone(), got.values.clone()))
+        return got
+
+    monkeypatch.setattr(Transfer, "_gather", gather)
+    inputs = []
+    h = arch.layers[j - 1].register_forward_pre_hook(
+        lambda m, a, kw: inputs.append((a[0], kw.get("position_embeddings"))) if a[0].shape[1] == 1 else None,
+        with_kwargs=True)
+    caches = []
+    orig = policy.new_cache
+    policy.new_cache = lambda *a: caches.append(orig(*a)) or caches[-1]
+    eng.generate(_prompts(model), 2)
+    h.remove()
+    cache = caches[-1]
+    layer, idx, keys, values = records[-1]
+    assert layer == j
+    length, b = 48, 2
+    # naive reference: next layer's own modules, per head, post-RoPE, skewed columns
+    x, pe = inputs[-1]
+    attn = arch.attn(j)
+    with torch.inference_mode():
+        q = attn.q_proj(arch.norm(j)(x)).view(b, 1, arch.n_heads, arch.head_dim).transpose(1, 2)
+        if arch.rope:
+            cos, sin = pe
+            half = arch.head_dim // 2
+            rot = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+            q = q * cos[:, None] + rot * sin[:, None]
+        else:
+            q = q * attn.scaling
+        keys_post = cache.store.prefix(j, length)[..., 0, :]  # [L, B, Hkv, d]
+        proj = policy.skews[j].proj
+        logits = torch.zeros(b, arch.n_kv_heads, arch.groups, length)
+        for bi in range(b):
+            for hq in range(arch.n_heads):
+                kv = hq // arch.groups
+                pq = q[bi, hq, 0] @ proj[kv]
+                pk = keys_post[:, bi, kv] @ proj[kv]
+                logits[bi, kv, hq % arch.groups] = (pk @ pq) * arch.logit_scale(j)
+    k_ref, chosen = _naive_select(logits, 3.0, policy.cap(length))
+    assert idx.shape[-1] == k_ref
+    for (bi, h_), want in chosen.items():
+        assert set(idx[bi, h_].tolist()) == want
+    # fetched rows == host rows
+    for bi in range(b):
+        for h_ in range(arch.n_kv_heads):
+            rows = idx[bi, h_]
+            assert torch.equal(keys[bi, h_], cache.store.kv[j, rows, bi, h_, 0])
+            assert torch.equal(values[bi, h_], cache.store.kv[j, rows, bi, h_, 1])
+
+
+# -- errors, adapter ----------------------------------------------------------------------
+def test_unsupported_family_is_a_clear_error():
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(model_type="gpt_oss"))
+    with pytest.raises(Unsupported, match="llama"):
+        Arch(fake)
+
+
+@pytest.mark.parametrize("policy,match", [({"alpha": -1}, "alpha"), ({"partial_weight_ratio": 0}, "partial_weight_ratio"),
+                                          ({"full_layers": 0}, "full_layers"), ({"max_num_kv": 0}, "max_num_kv")])
+def test_bad_options(policy, match):
+    with pytest.raises(ValueError, match=match):
+        InfiniGenPolicy(_spec(LLAMA, **policy))
+
+
+def test_adapter_runs_a_cell_with_metrics():
+    from frameworks.infinigen import adapter
+
+    spec = CellSpec(experiment="unit", framework="infinigen", model=LLAMA, device="cpu", dtype="float32",
+                    batch_size=2, prompt_len=32, gen_len=4, kv_budget=0.25, prefill="eager", policy={"max_num_kv": 5})
+    m = adapter.run(spec)
+    assert m.extra["attn_implementation"] == "infinigen_eager"
+    assert m.extra["fetched_tokens_per_seq_layer_speculated"] <= 5
+    assert m.kv_cache_bytes > 0 and m.extra["host_kv_bytes"] > 0
