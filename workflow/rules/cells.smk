@@ -14,8 +14,10 @@ rule run_cell:
     params:
         spec=get_cell_spec,
         launcher=get_launcher,
+        # relative to the working directory: moving the checkout must not rerun every cell
+        repo=os.path.relpath(REPO),
+        python=PYTHON,
     shell:
-        # paths are not params: moving the checkout must not rerun every cell
-        "PYTHONPATH={REPO:q}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "{params.launcher} {PYTHON:q} -m frameworks.harness.run_cell "
+        "PYTHONPATH={params.repo:q}${{PYTHONPATH:+:$PYTHONPATH}} "
+        "{params.launcher} {params.python:q} -m frameworks.harness.run_cell "
         "--spec {params.spec:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"

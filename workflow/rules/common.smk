@@ -1,10 +1,16 @@
 # Config -> cell table, and the input functions every rule uses.
+import os
 import sys
 from pathlib import Path
 
 # frameworks/ and workflow/ importable without installing
 REPO = workflow.basedir
-PYTHON = sys.executable
+# the interpreter of this run, relative to the checkout when it lives inside it (.venv)
+PYTHON = (
+    os.path.relpath(sys.executable)
+    if Path(sys.executable).absolute().is_relative_to(Path(REPO).absolute())
+    else sys.executable
+)
 sys.path.insert(0, REPO)
 
 from snakemake.exceptions import WorkflowError
