@@ -62,7 +62,7 @@ class StderrTail:
     def __exit__(self, *exc) -> None:
         sys.stderr.flush()
         os.dup2(self._saved, 2)  # our end closes; children still holding it keep the pipe open
-        self._reader.join(timeout=5)
+        self._reader.join(timeout=1)
         if not self._reader.is_alive():  # else a child still writes through it: leave it open
             os.close(self._saved)
 
