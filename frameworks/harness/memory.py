@@ -3,6 +3,10 @@
 GPU: the allocator's peak (torch.cuda.max_memory_allocated) and the device-level memory in use,
 sampled from a thread (NVML through torch when present, else cudaMemGetInfo) — the latter also
 sees memory that other allocators (vLLM's, NCCL, CUDA context) hold. CPU: process RSS, sampled.
+
+An engine whose allocator lives in another process (vLLM's engine core) passes `device_used`,
+a function returning the device-level bytes in use: the monitor then never touches torch.cuda
+(no CUDA context in this process) and reports no allocator peak, only the device-level one.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ GB = 1e9
 
 
 class MemoryMonitor:
-    def __init__(self, device: str, interval_s: float = 0.01):
+    def __init__(self, device: str, interval_s: float = 0.01, device_used=None):
         self.device = device
+        self.external = device_used is not None
+        if self.external:
+            self._device_used = device_used
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -43,7 +50,7 @@ class MemoryMonitor:
             self._sample()
 
     def __enter__(self) -> MemoryMonitor:
-        if self.device == "cuda":
+        if self.device == "cuda" and not self.external:
             import torch
 
             torch.cuda.synchronize()
@@ -62,8 +69,9 @@ class MemoryMonitor:
     def result(self) -> dict:
         out = {"peak_rss_gb": self.peak_rss / GB, "peak_gpu_mem_gb": None, "peak_device_mem_gb": None}
         if self.device == "cuda":
-            import torch
-
-            out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / GB
             out["peak_device_mem_gb"] = self.peak_device_used / GB
+            if not self.external:
+                import torch
+
+                out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / GB
         return out

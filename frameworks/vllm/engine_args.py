@@ -1,0 +1,151 @@
+"""What vLLM is asked to build for a cell: engine arguments, sampling arguments, model folder.
+
+Pure functions (no vLLM import): tests check their output against vLLM's own EngineArgs and
+SamplingParams when vLLM is importable. Field names are vLLM 0.11.0's
+(vllm/engine/arg_utils.py EngineArgs, vllm/sampling_params.py SamplingParams).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from frameworks import models
+from frameworks.harness.result import Unsupported
+
+# vLLM's own token budget for the LLM class on a >= 70 GB GPU such as the H100
+# (EngineArgs._set_default_args, usage context LLM_CLASS).
+DEFAULT_TOKEN_BUDGET = 16384
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def write_model_dir(model: str, dest: str | Path) -> Path:
+    """The model's config.json alone in `dest`: all that load_format="dummy" needs.
+
+    No tokenizer: prompts are token ids and the engine runs with skip_tokenizer_init=True.
+    gpt-oss keeps its MXFP4 quantization_config, so the dummy weights have the real layout.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.json").write_text(json.dumps(models.config_dict(model), indent=1))
+    return dest
+
+
+def max_model_len(spec) -> int:
+    """vLLM stops a request once prompt + output tokens reach max_model_len
+    (v1/core/sched/utils.py check_stop), so exactly gen_len tokens need prompt + gen_len."""
+    return spec.prompt_len + spec.gen_len
+
+
+def check_supported(spec) -> None:
+    """Raise Unsupported for cells vLLM 0.11.0 cannot run as specified."""
+    if spec.device != "cuda":
+        raise Unsupported("vLLM 0.11.0 runs on a CUDA GPU only in this artifact (no CPU build is pinned)")
+    if not models.supports(spec.model, "vllm"):
+        raise Unsupported(f"model {spec.model} is not registered for vllm")
+    limit = models.max_context(spec.model)
+    if max_model_len(spec) > limit:
+        raise Unsupported(
+            f"prompt_len {spec.prompt_len} + gen_len {spec.gen_len} exceeds the model's context of {limit} "
+            "tokens: vLLM needs prompt + output tokens <= max_model_len"
+        )
+    budget = token_budget(spec)
+    if budget < max_num_seqs(spec):
+        raise Unsupported(f"chunk_size {budget} < max_num_seqs {max_num_seqs(spec)}: vLLM requires "
+                          "max_num_batched_tokens >= max_num_seqs")
+
+
+def max_num_seqs(spec) -> int:
+    """The most sequences vLLM runs at once: the cell's batch size (for request-rate cells the
+    same largest batch the transformers engines use), unless the policy sets it."""
+    return int(spec.policy.get("max_num_seqs", spec.batch_size))
+
+
+def token_budget(spec) -> int:
+    """max_num_batched_tokens. vLLM's V1 engine always schedules prefills in chunks
+    (EngineArgs._set_default_args forces enable_chunked_prefill=True), so the two prefill modes
+    differ in the per-step token budget:
+      flash    a budget of at least max_model_len: no prompt is ever split for lack of budget
+               (vLLM's default budget on an H100, raised to max_model_len for long prompts);
+      chunked  a budget of chunk_size tokens per step, as the transformers engines' chunks.
+    """
+    if spec.prefill == "chunked":
+        return spec.chunk_size
+    return max(max_model_len(spec), DEFAULT_TOKEN_BUDGET)
+
+
+def engine_kwargs(spec, model_dir: str | Path) -> dict:
+    """Keyword arguments of vllm.EngineArgs / vllm.LLM / AsyncEngineArgs for this cell."""
+    policy = spec.policy
+    random_weights = spec.weights == "random"
+    kw = {
+        "model": str(model_dir) if random_weights else spec.weights,
+        "load_format": "dummy" if random_weights else "auto",
+        "skip_tokenizer_init": True,
+        "dtype": spec.dtype,
+        "seed": spec.seed,
+        "tensor_parallel_size": 1,
+        "max_model_len": max_model_len(spec),
+        "max_num_seqs": max_num_seqs(spec),
+        "max_num_batched_tokens": token_budget(spec),
+        "enable_chunked_prefill": True,  # what V1 uses whatever is passed; explicit for the record
+        "enable_prefix_caching": False,  # random prompts share no prefix; keep the cache honest
+        "gpu_memory_utilization": float(policy.get("gpu_memory_utilization", 0.9)),
+        "enforce_eager": bool(policy.get("enforce_eager", False)),  # False: CUDA graphs
+        "disable_log_stats": False,  # Prometheus metrics: preemptions, vLLM's own latencies
+    }
+    if "num_gpu_blocks" in policy:
+        kw["num_gpu_blocks_override"] = int(policy["num_gpu_blocks"])
+    if "kv_cache_memory_bytes" in policy:
+        kw["kv_cache_memory_bytes"] = int(policy["kv_cache_memory_bytes"])
+    return kw
+
+
+def sampling_kwargs(gen_len: int) -> dict:
+    """vllm.SamplingParams for exactly gen_len greedy tokens, EOS ignored, no detokenization.
+    output_kind DELTA (RequestOutputKind.DELTA, set by the caller) gives every step's new tokens."""
+    return {
+        "n": 1,
+        "temperature": 0.0,
+        "max_tokens": gen_len,
+        "min_tokens": gen_len,
+        "ignore_eos": True,
+        "detokenize": False,
+    }
+
+
+# -- KV cache size, as vLLM 0.11.0 lays it out -----------------------------------------------
+def attention_types(config: dict) -> list[str]:
+    """The attention type of each layer (gpt-oss interleaves sliding and full attention)."""
+    n = config["num_hidden_layers"]
+    return list(config.get("layer_types") or ["full_attention"] * n)
+
+
+def kv_bytes_per_block_per_layer(config: dict, block_size: int, kv_dtype: str) -> int:
+    """FullAttentionSpec.page_size_bytes: K and V of block_size tokens of one layer."""
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * block_size * heads * head_dim * DTYPE_BYTES[kv_dtype]
+
+
+def kv_cache_layout(config: dict, num_blocks: int, block_size: int, kv_dtype: str) -> dict:
+    """Bytes vLLM allocates for num_blocks blocks, and the tokens they hold.
+
+    v1/core/kv_cache_utils.py: layers of one attention type form groups of `group_size` layers
+    (the fewest layers of any type); the pool is group_size tensors of num_blocks pages, each
+    shared by one layer of every group, so bytes = num_blocks * page * group_size. The blocks are
+    shared by the groups: capacity = num_blocks // n_groups * block_size tokens (as vLLM logs
+    "GPU KV cache size"). One attention type: one group of all layers.
+    """
+    counts = Counter(attention_types(config))
+    group_size = min(counts.values())
+    n_groups = sum(-(-c // group_size) for c in counts.values())
+    page = kv_bytes_per_block_per_layer(config, block_size, kv_dtype)
+    return {
+        "num_gpu_blocks": num_blocks,
+        "block_size": block_size,
+        "kv_groups": n_groups,
+        "kv_cache_bytes": num_blocks * page * group_size,
+        "kv_capacity_tokens": num_blocks // n_groups * block_size,
+    }

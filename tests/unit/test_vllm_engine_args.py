@@ -1,0 +1,173 @@
+"""Engine and sampling arguments built for each kind of vLLM cell; checked against vLLM's own
+argument classes (EngineArgs, ModelConfig, SchedulerConfig, CacheConfig, SamplingParams) where
+vLLM is importable."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from frameworks import models
+from frameworks.harness.result import Unsupported
+from frameworks.vllm import engine_args as ea
+from tests.unit.vllm_helpers import needs_vllm, spec
+
+CELLS = {
+    "offline-flash": spec(batch_size=16, prompt_len=2048, gen_len=128),
+    "offline-chunked": spec(batch_size=4, prompt_len=32768, gen_len=32, prefill="chunked", chunk_size=2048),
+    "offline-long": spec(prompt_len=128000, gen_len=32),
+    "rate": spec(batch_size=64, prompt_len=1024, gen_len=128, request_rate=4.0, num_requests=200, burstiness=0.5),
+    "fixed-blocks": spec(batch_size=8, policy={"num_gpu_blocks": 4096, "enforce_eager": True, "max_num_seqs": 32}),
+    "fixed-bytes": spec(batch_size=8, policy={"kv_cache_memory_bytes": 8 * 2**30, "gpu_memory_utilization": 0.8}),
+    "gpt-oss": spec(model="gpt-oss-20b", batch_size=8, prompt_len=4096, gen_len=64),
+}
+
+
+def test_offline_flash_cell():
+    kw = ea.engine_kwargs(CELLS["offline-flash"], "/m")
+    assert kw["model"] == "/m" and kw["load_format"] == "dummy" and kw["skip_tokenizer_init"]
+    assert kw["max_model_len"] == 2048 + 128
+    assert kw["max_num_seqs"] == 16
+    assert kw["max_num_batched_tokens"] == ea.DEFAULT_TOKEN_BUDGET
+    assert kw["enable_prefix_caching"] is False and kw["disable_log_stats"] is False
+    assert kw["enforce_eager"] is False and kw["gpu_memory_utilization"] == 0.9
+    assert "num_gpu_blocks_override" not in kw and "kv_cache_memory_bytes" not in kw
+
+
+def test_prefill_modes_set_the_token_budget():
+    assert ea.engine_kwargs(CELLS["offline-chunked"], "/m")["max_num_batched_tokens"] == 2048
+    # a prompt longer than vLLM's default budget still fits whole in one step
+    assert ea.engine_kwargs(CELLS["offline-long"], "/m")["max_num_batched_tokens"] == 128000 + 32
+
+
+def test_rate_cell_caps_running_sequences_at_the_batch_size():
+    kw = ea.engine_kwargs(CELLS["rate"], "/m")
+    assert kw["max_num_seqs"] == 64 and kw["max_model_len"] == 1024 + 128
+
+
+def test_policy_keys_reach_vllm():
+    kw = ea.engine_kwargs(CELLS["fixed-blocks"], "/m")
+    assert kw["num_gpu_blocks_override"] == 4096 and kw["enforce_eager"] is True and kw["max_num_seqs"] == 32
+    kw = ea.engine_kwargs(CELLS["fixed-bytes"], "/m")
+    assert kw["kv_cache_memory_bytes"] == 8 * 2**30 and kw["gpu_memory_utilization"] == 0.8
+
+
+def test_real_weights_are_loaded_not_dummy():
+    kw = ea.engine_kwargs(spec(weights="/models/llama"), "/m")
+    assert kw["model"] == "/models/llama" and kw["load_format"] == "auto"
+
+
+def test_sampling_gives_exactly_gen_len_tokens():
+    s = ea.sampling_kwargs(37)
+    assert s["max_tokens"] == s["min_tokens"] == 37 and s["ignore_eos"] and s["temperature"] == 0.0
+
+
+@pytest.mark.parametrize("bad, why", [
+    (spec(device="cpu"), "CUDA GPU"),
+    (spec(prompt_len=131072, gen_len=1), "context"),
+    (spec(batch_size=64, prefill="chunked", chunk_size=32), "max_num_seqs"),
+])
+def test_unsupported_cells_say_why(bad, why):
+    with pytest.raises(Unsupported, match=why):
+        ea.check_supported(bad)
+
+
+def test_model_dir_holds_the_registry_config(tmp_path):
+    d = ea.write_model_dir("gpt-oss-20b", tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg == models.config_dict("gpt-oss-20b")
+    assert cfg["quantization_config"]["quant_method"] == "mxfp4"
+    assert [p.name for p in d.iterdir()] == ["config.json"]
+
+
+def test_kv_layout_uniform_model():
+    cfg = models.config_dict("llama-3.1-8b")  # 32 layers, 8 KV heads of 128
+    lay = ea.kv_cache_layout(cfg, num_blocks=1000, block_size=16, kv_dtype="bfloat16")
+    assert lay["kv_cache_bytes"] == 1000 * (2 * 16 * 8 * 128 * 2) * 32
+    assert lay["kv_capacity_tokens"] == 16000 and lay["kv_groups"] == 1
+
+
+def test_kv_layout_hybrid_model():
+    cfg = models.config_dict("gpt-oss-20b")  # 24 layers: 12 sliding + 12 full, 8 KV heads of 64
+    lay = ea.kv_cache_layout(cfg, num_blocks=1000, block_size=16, kv_dtype="bfloat16")
+    assert lay["kv_groups"] == 2
+    assert lay["kv_cache_bytes"] == 1000 * (2 * 16 * 8 * 64 * 2) * 12
+    assert lay["kv_capacity_tokens"] == 500 * 16
+
+
+# -- against vLLM's own classes ------------------------------------------------------------------
+@needs_vllm
+@pytest.mark.parametrize("name", list(CELLS))
+def test_engine_args_are_vllm_engine_args(name, tmp_path):
+    from vllm import EngineArgs
+    from vllm.config import CacheConfig, SchedulerConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    cell = CELLS[name]
+    kw = ea.engine_kwargs(cell, ea.write_model_dir(cell.model, tmp_path / "m"))
+    args = EngineArgs(**kw)
+    AsyncEngineArgs(**kw)
+    # the model config vLLM derives from our config.json: length, dtype, quantization
+    mc = args.create_model_config()
+    assert mc.max_model_len == cell.prompt_len + cell.gen_len
+    assert str(mc.dtype) == f"torch.{cell.dtype}"
+    assert mc.quantization == ("mxfp4" if cell.model == "gpt-oss-20b" else None)
+    assert mc.skip_tokenizer_init
+    # scheduler and cache configs validate our values as vLLM would (create_engine_config needs a GPU)
+    sc = SchedulerConfig(max_model_len=kw["max_model_len"], max_num_seqs=kw["max_num_seqs"],
+                         max_num_batched_tokens=kw["max_num_batched_tokens"],
+                         enable_chunked_prefill=kw["enable_chunked_prefill"])
+    assert sc.max_num_batched_tokens == ea.token_budget(cell)
+    cc = CacheConfig(block_size=16, gpu_memory_utilization=kw["gpu_memory_utilization"],
+                     enable_prefix_caching=kw["enable_prefix_caching"],
+                     num_gpu_blocks_override=kw.get("num_gpu_blocks_override"),
+                     kv_cache_memory_bytes=kw.get("kv_cache_memory_bytes"))
+    assert cc.enable_prefix_caching is False
+
+
+@needs_vllm
+def test_sampling_params_are_vllm_sampling_params():
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    sp = SamplingParams(**ea.sampling_kwargs(64), output_kind=RequestOutputKind.DELTA)
+    assert (sp.max_tokens, sp.min_tokens, sp.ignore_eos, sp.detokenize) == (64, 64, True, False)
+    assert sp.output_kind == RequestOutputKind.DELTA and sp.n == 1
+
+
+@needs_vllm
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "gpt-oss-20b", "opt-6.7b"])
+def test_kv_layout_matches_vllms_own_allocation(model, tmp_path):
+    """Our bytes and capacity equal what vLLM's kv_cache_utils allocates for the same blocks."""
+    import torch
+    from vllm.v1.core import kv_cache_utils as ku
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    cfg = models.config_dict(model)
+    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    specs = {}
+    for i, kind in enumerate(ea.attention_types(cfg)):
+        common = dict(block_size=16, num_kv_heads=heads, head_size=head_dim, dtype=torch.bfloat16)
+        specs[f"layers.{i}.attn"] = (SlidingWindowSpec(**common, sliding_window=cfg["sliding_window"])
+                                     if kind == "sliding_attention" else FullAttentionSpec(**common))
+    from vllm import EngineArgs
+    from vllm.config import CacheConfig, ParallelConfig, SchedulerConfig
+
+    cell = spec(model=model, prompt_len=1024, gen_len=32)
+    kw = ea.engine_kwargs(cell, ea.write_model_dir(model, tmp_path / "m"))
+    vllm_config = SimpleNamespace(  # the parts of VllmConfig these functions read (VllmConfig needs a GPU)
+        model_config=EngineArgs(**kw).create_model_config(),
+        cache_config=CacheConfig(block_size=16, num_gpu_blocks_override=1234),
+        scheduler_config=SchedulerConfig(max_model_len=kw["max_model_len"], max_num_seqs=kw["max_num_seqs"],
+                                         max_num_batched_tokens=kw["max_num_batched_tokens"],
+                                         enable_chunked_prefill=True),
+        parallel_config=ParallelConfig(),
+    )
+    groups = ku.get_kv_cache_groups(vllm_config, specs)
+    kv = ku.get_kv_cache_config_from_groups(vllm_config, groups, specs, available_memory=80 * 2**30)
+    ours = ea.kv_cache_layout(cfg, kv.num_blocks, 16, "bfloat16")
+    assert kv.num_blocks == 1234
+    assert ours["kv_cache_bytes"] == sum(t.size for t in kv.kv_cache_tensors)
+    assert ours["kv_groups"] == len(kv.kv_cache_groups)
+    assert ours["kv_capacity_tokens"] == kv.num_blocks // len(kv.kv_cache_groups) * 16
