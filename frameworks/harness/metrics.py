@@ -96,9 +96,9 @@ def summarize(samples: list[dict], rep_durations_s: list[float], memory: dict, k
         "kv_cache_bytes": int(kv_cache_bytes) if kv_cache_bytes is not None else None,
     }
     summary.update(memory)
-    # allocator peak where this process holds the allocator; device-level where another process
-    # does (vLLM's engine core); host RSS on the CPU
-    basis = next(k for k in ("peak_gpu_mem_gb", "peak_device_mem_gb", "peak_rss_gb") if memory.get(k) or k == "peak_rss_gb")
+    # device-level memory in use on GPUs: the one measure every framework has (vLLM's allocator
+    # lives in another process) and what the device loses to the framework; host RSS on the CPU
+    basis = "peak_device_mem_gb" if memory.get("peak_device_mem_gb") else "peak_rss_gb"
     gb = memory.get(basis)
     summary["per_gb_basis"] = basis
     summary["output_tok_s_per_gb"] = summary["output_tok_s"] / gb if gb else None

@@ -47,8 +47,8 @@ def test_summarize_throughput_per_repetition():
     assert s["output_tok_s_std"] == pytest.approx(5.0)
     assert s["total_tok_s"] == pytest.approx((20 / 0.2 + 20 / 0.4) / 2)
     assert s["request_s"] == pytest.approx((2 / 0.2 + 2 / 0.4) / 2)
-    assert s["output_tok_s_per_gb"] == pytest.approx(7.5)
-    assert s["per_gb_basis"] == "peak_gpu_mem_gb"
+    assert s["output_tok_s_per_gb"] == pytest.approx(5.0)  # per GB of device-level memory
+    assert s["per_gb_basis"] == "peak_device_mem_gb"
     assert s["ttft_ms"]["mean"] == pytest.approx(150.0)
     assert s["tpot_ms"]["mean"] == pytest.approx(150.0)
     assert s["kv_cache_bytes"] == 1024 and s["num_requests"] == 2 and s["repetitions"] == 2

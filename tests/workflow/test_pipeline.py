@@ -103,7 +103,7 @@ def test_status_lists_non_ok_cells_with_rerun_command(smoke):
         rel = str(cell.relative_to(smoke))
         assert f"oom          {rel}" in p.stdout
         assert f"rerun: snakemake --cores all --config preset=smoke --forcerun {rel}" in p.stdout
-        assert "cells: 21 ok, 1 oom" in p.stdout
+        assert f"cells: {len(cells_of('smoke')) - 1} ok, 1 oom" in p.stdout
     finally:
         cell.write_text(saved)
 

@@ -23,18 +23,19 @@ plt.rcParams.update({"figure.dpi": 150, "font.size": 9, "axes.grid": True, "grid
 
 def load(path: str) -> pd.DataFrame:
     df = pd.read_csv(path)
-    # memory axis: GPU allocator peak on GPU runs, process RSS on CPU runs (said in the label)
-    df["mem_gb"] = df["peak_gpu_mem_gb"].where(df["peak_gpu_mem_gb"].notna(), df["peak_rss_gb"])
+    # memory axis: device-level GPU memory on GPU runs (every framework has it, vLLM included),
+    # process RSS on CPU runs (said in the label)
+    df["mem_gb"] = df["peak_device_mem_gb"].where(df["peak_device_mem_gb"].notna(), df["peak_rss_gb"])
     return df
 
 
 def mem_label(df: pd.DataFrame) -> str:
-    gpu = df["peak_gpu_mem_gb"].notna().any()
-    return "peak GPU memory (GB)" if gpu else "peak process RSS (GB, CPU run)"
+    gpu = df["peak_device_mem_gb"].notna().any()
+    return "peak GPU memory in use (GB)" if gpu else "peak process RSS (GB, CPU run)"
 
 
 def per_gb_label(df: pd.DataFrame) -> str:
-    gpu = df["peak_gpu_mem_gb"].notna().any()
+    gpu = df["peak_device_mem_gb"].notna().any()
     return "output tok/s per GB of peak GPU memory" if gpu else "output tok/s per GB of peak RSS (CPU run)"
 
 

@@ -10,7 +10,7 @@ from workflow.lib import plotting as P  # noqa: E402
 df = P.load(snakemake.input.table)  # noqa: F821
 fig, panels = P.by_model(df)
 for model, ax in panels:
-    P.lines(ax, df[df["model"] == model], "batch_size", "output_tok_s")
+    P.lines(ax, df[df["model"] == model], "batch_size", "output_tok_s", by=("framework", "prefill"))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size (sequences)")

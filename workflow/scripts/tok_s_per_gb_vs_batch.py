@@ -10,7 +10,7 @@ from workflow.lib import plotting as P  # noqa: E402
 df = P.load(snakemake.input.table)  # noqa: F821
 fig, panels = P.by_model(df)
 for model, ax in panels:
-    P.lines(ax, df[df["model"] == model], "batch_size", "output_tok_s_per_gb")
+    P.lines(ax, df[df["model"] == model], "batch_size", "output_tok_s_per_gb", by=("framework", "prefill"))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size (sequences)")
     ax.set_ylabel(P.per_gb_label(df))
