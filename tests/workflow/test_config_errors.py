@@ -15,7 +15,7 @@ def dry(repo, *config):
     [
         (["preset=nosuch"], "unknown preset 'nosuch'"),
         (["preset=smoke", "frameworks=[deepspeed]"], "frameworks.0: 'deepspeed' is not one of"),
-        (["preset=smoke", "frameworks=[h2o]"], "'h2o' is not in preset 'smoke'"),
+        (["preset=smoke", "frameworks=[vllm]"], "'vllm' is not in preset 'smoke'"),
         (["preset=smoke", "models=[llama-9b]"], "unknown model 'llama-9b'"),
         (["preset=smoke", "runnr=local"], "unknown key"),
         (["preset=smoke", "frameworks=hf"], "frameworks: 'hf' is not of type 'array'"),
@@ -46,7 +46,7 @@ def _preset(repo, **changes):
         ({"experiments.batch.sweep": {"prompt_len": [20000]}}, "exceeds the model's context of 16384 tokens"),
         ({"experiments.kv_budget.sweep": {"kv_budget": [1.5]}}, "kv_budget must be in (0, 1]"),
         ({"experiments.batch.sweep": {"batch_size": ["many"]}}, "batch_size must be an integer >= 1"),
-        ({"experiments.batch.models": ["gpt-oss-20b"]}, "framework hf does not support model gpt-oss-20b"),
+        ({"experiments.batch.models": ["gpt-oss-20b"]}, "does not support model gpt-oss-20b (registry: ['vllm'])"),
         ({"experiments.batch.params": {"batchsize": 2}}, "unknown key"),
         ({"experiments.throughput": {"description": "x", "models": ["tiny-llama-3.1"]}}, "unknown key"),
         ({"experiments.batch.sweep": {"prefill": ["paged"]}}, "prefill must be one of"),
