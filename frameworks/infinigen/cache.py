@@ -75,6 +75,7 @@ class InfiniGenCache(Cache):
         self.keep_pos = torch.arange(cap, device=dev)  # positions 0..cap-1 of a fetch (padding mask)
         self.lane = torch.arange(b * hkv, device=dev).view(b, hkv, 1)  # row offset of (sequence, kv head)
         self.pending: list = [None] * arch.n_layers
+        self._rope = (None, None)  # (this step's cos, skew.rope_table of it): one per step, all layers
 
     def device_bytes(self) -> int:
         """KV held on the compute device: partial keys and the fetch buffers."""
@@ -104,13 +105,22 @@ class InfiniGenCache(Cache):
         sk = self.policy.skews[j]
         alpha = self.policy.alpha
 
+        # the step's first speculation makes the RoPE table (on the side stream, from cos/sin,
+        # which are then record_stream'ed); later layers reuse it: the model passes every layer
+        # the same (cos, sin) objects within a step, and a new pair each step (the reference
+        # held here keeps the identity test sound).
+        fresh = position_embeddings is not None and position_embeddings[0] is not self._rope[0]
+
         def speculate():
-            pq = skew.partial_query(self.arch, j, sk, hidden, position_embeddings)
+            if fresh:
+                self._rope = (position_embeddings[0], skew.rope_table(position_embeddings))
+            pq = skew.partial_query(self.arch, j, sk, hidden, position_embeddings, self._rope[1])
             return select.select(select.scores(pq, partial_k), alpha, cap)
 
-        # partial_k is the cache's own buffer (lives as long as the cache): no record_stream needed
-        return self.transfer.launch_sparse(self.store, j, self.slots[j % 2], speculate, hidden,
-                                           tuple(position_embeddings or ()), self.keep_pos, self.lane)
+        # partial_k lives as long as the cache; the table is made and used on the side stream only
+        extra = tuple(position_embeddings) if fresh else ()
+        return self.transfer.launch_sparse(self.store, j, self.slots[j % 2], speculate, hidden, extra,
+                                           self.keep_pos, self.lane)
 
     # -- the update -----------------------------------------------------------------------
     def layer_update(self, layer: InfiniGenLayer, key: torch.Tensor, value: torch.Tensor):

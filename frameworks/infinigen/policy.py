@@ -90,7 +90,7 @@ class InfiniGenPolicy(KVPolicy):
             if self._store is not None:
                 self._store.close()
                 self._store = None
-            self._store = HostStore(*shape, pin=self.transfer.cuda)
+            self._store = HostStore(*shape, pin=self.transfer.cuda, device=self.device)
         return InfiniGenCache(self, self._store, batch_size, max_len)
 
     def kv_bytes(self, cache) -> int:

@@ -60,7 +60,8 @@ def device_view(host: torch.Tensor, device: torch.device | str = "cuda") -> torc
 
 
 class HostStore:
-    def __init__(self, n_layers: int, max_len: int, batch: int, kv_heads: int, head_dim: int, dtype, pin: bool):
+    def __init__(self, n_layers: int, max_len: int, batch: int, kv_heads: int, head_dim: int, dtype, pin: bool,
+                 device: torch.device | str = "cuda"):
         self.shape = (n_layers, max_len, batch, kv_heads, 2, head_dim)
         self.kv = torch.empty(self.shape, dtype=dtype)
         self._registered = False
@@ -71,7 +72,7 @@ class HostStore:
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {self.nbytes / 1e9:.1f} GB failed (error {int(err)})")
             self._registered = True
-            self.dev = device_view(self.kv)
+            self.dev = device_view(self.kv, device)
 
     @property
     def nbytes(self) -> int:

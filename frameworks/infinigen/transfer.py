@@ -104,7 +104,7 @@ class Transfer:
             dst = dev[:length]
             after = self.follow_compute()
             start, end = self._events()
-            end = end or torch.cuda.Event()
+            end = end if end is not None else torch.cuda.Event()
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(after)
                 if self.fetch:
@@ -146,7 +146,7 @@ class Transfer:
                 gather(store.gather_source(layer), rows, dst)
                 nbytes = dst.numel() * dst.element_size()
                 if self.cuda:
-                    ready = end or torch.cuda.Event()
+                    ready = end if end is not None else torch.cuda.Event()
                     ready.record()
                     if start is not None:
                         self._timed.append((start, end, nbytes, True))

@@ -133,6 +133,26 @@ def test_speculation_with_all_columns_gives_the_true_logits(name):
     assert (spec - true).abs().max() / true.abs().max() < 1e-4
 
 
+def test_rope_folded_partial_query_equals_rope_then_projection():
+    """[q | q] * [cos | sin'] @ [P ; P'] = RoPE(q) @ P, for any cos/sin (halves not tied, so the
+    sin permutation is checked too), batch 2; and the fused RMSNorm equals the module."""
+    eng, policy, model = _engine(_spec(LLAMA, partial_weight_ratio=0.5), InfiniGenPolicy)
+    arch, j = policy.arch, 1
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 1, model.config.hidden_size, generator=g)
+    pe = (torch.randn(2, 1, arch.head_dim, generator=g), torch.randn(2, 1, arch.head_dim, generator=g))
+    with torch.inference_mode():
+        assert (arch.normed(j, x) - arch.norm(j)(x)).abs().max() < 1e-5
+        q = arch.query(j, x, pe).reshape(2, arch.n_kv_heads, arch.groups, arch.head_dim)
+        want = torch.matmul(q, policy.skews[j].proj) * arch.logit_scale(j)
+        got = skew.partial_query(arch, j, policy.skews[j], x, pe)
+        table = skew.rope_table(pe)
+        again = skew.partial_query(arch, j, policy.skews[j], x, None, table)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+    assert torch.equal(got, again)
+
+
 # -- full budget = full cache -----------------------------------------------------------
 @pytest.mark.parametrize("name,prefill,budget,policy", [
     (LLAMA, "sdpa", 1.0, {}), (LLAMA, "eager", 1.0, {}), (LLAMA, "chunked", 1.0, {}),
