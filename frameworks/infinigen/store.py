@@ -42,19 +42,23 @@ def _device_pointer(ptr: int) -> int | None:
 def device_view(host: torch.Tensor, device: torch.device | str = "cuda") -> torch.Tensor:
     """A CUDA tensor of host's shape and dtype aliasing host's page-locked memory (zero-copy:
     kernels reading it read host memory over PCIe). `host` must stay alive (and registered) as
-    long as the view is used. Raises RuntimeError if the memory is not device-accessible."""
+    long as the view is used. Raises RuntimeError if the memory is not device-accessible.
+
+    The device address comes from the driver (cuPointerGetAttribute); without a driver library
+    to ask, a page-locked tensor's own address is used (unified virtual addressing maps it 1:1)."""
     if host.device.type != "cpu" or not host.is_contiguous():
         raise RuntimeError("device_view needs a contiguous CPU tensor")
-    if not host.is_pinned():
-        raise RuntimeError("device_view: the host tensor is not page-locked (cudaHostRegister / pin_memory), "
-                           "so a GPU kernel cannot read it")
     ptr = _device_pointer(host.data_ptr())
-    ptr = host.data_ptr() if ptr is None else ptr  # no driver library to ask: UVA (64-bit) maps it 1:1
+    if ptr is None:
+        if not host.is_pinned():
+            raise RuntimeError("device_view: the host tensor is not page-locked (cudaHostRegister / pin_memory), "
+                               "so a GPU kernel cannot read it")
+        ptr = host.data_ptr()
     int_dtype, typestr = _INT_OF_SIZE[host.element_size()]  # the interface has no bfloat16
     iface = {"shape": tuple(host.shape), "typestr": typestr, "data": (ptr, False), "version": 3, "strides": None}
     holder = type("HostAlias", (), {"__cuda_array_interface__": iface})()
     view = torch.as_tensor(holder, device=device)
-    if view.dtype != int_dtype or view.data_ptr() != ptr:
+    if view.dtype != int_dtype or view.data_ptr() != ptr:  # a copy, not an alias
         raise RuntimeError(f"device_view: got {view.dtype} at {view.data_ptr():#x}, expected {int_dtype} at {ptr:#x}")
     return view.view(host.dtype)
 

@@ -64,8 +64,8 @@ class Transfer:
         self.timed = timed and self.cuda  # CUDA timing events around each transfer (device time)
         self.spec_stream = torch.cuda.Stream(device) if self.cuda else None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self._zero = torch.zeros((), device=device)
-        self._ninf = torch.full((), float("-inf"), device=device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)
+        self._ninf = torch.full((), float("-inf"), dtype=torch.float32, device=device)
         self.reset_stats()
 
     def reset_stats(self) -> None:

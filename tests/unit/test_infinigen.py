@@ -322,6 +322,15 @@ def test_selection_shapes_do_not_depend_on_the_data():
     assert len(shapes) == 1 and ks[0] == 12 and ks[1] == 1
 
 
+def test_device_view_of_pageable_memory_is_a_clear_error():
+    from frameworks.infinigen.store import device_view
+
+    with pytest.raises(RuntimeError, match="page-locked|not device-accessible"):
+        device_view(torch.zeros(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="contiguous CPU"):
+        device_view(torch.zeros(4, 8).t())
+
+
 class _HostSync(AssertionError):
     pass
 
