@@ -8,6 +8,7 @@ learned positions, pre-LayerNorm) are supported; any other family is a clear `Un
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from frameworks.harness.result import Unsupported
 
@@ -48,6 +49,16 @@ class Arch:
     def norm(self, i: int):
         layer = self.layers[i]
         return layer.input_layernorm if self.rope else layer.self_attn_layer_norm
+
+    def normed(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's input norm applied to x: the module itself, or for Llama's RMSNorm the same
+        computation (float32, then weight x result in the input dtype) with one fused
+        F.rms_norm instead of its five elementwise ops."""
+        norm = self.norm(i)
+        eps = getattr(norm, "variance_epsilon", None)
+        if not self.rope or eps is None:
+            return norm(x)
+        return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
     def logit_scale(self, i: int) -> float:
         """Factor from q.k to the attention logit (OPT scales q inside its projection)."""

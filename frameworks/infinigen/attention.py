@@ -3,8 +3,10 @@
 Prefill delegates to the stock implementation of the prefill mode: the model's own eager
 attention (materialises the attention matrix: the paper's OOM boundary) or SDPA (flash on CUDA
 under the engine's `flash` mode). Decode (one query token per sequence) runs `decode_attention`
-over whatever keys the cache returned — the selected rows plus the new token — so the causal
-mask, sized for the full sequence, does not apply there (no padding: every key is visible).
+over whatever keys the cache returned — the fetched rows plus the new token — so the causal
+mask, sized for the full sequence, does not apply there; a speculated layer's fetch is padded to
+a static size, and the cache leaves the padding's bias (0 / -inf per fetched row) on the module
+as `_infinigen_bias` for this call.
 During skewing (policy.prepare) the post-RoPE queries and keys are recorded here, the one place
 where transformers exposes them.
 """
@@ -22,15 +24,18 @@ EAGER = "infinigen_eager"
 SDPA = "infinigen_sdpa"
 
 
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """query [B, Hq, 1, d], key/value [B, Hkv, n, d] -> [B, 1, Hq, d]. GQA without repeating
     the keys; softmax in float32 as transformers' eager attention. Plain matmuls: no SDPA
-    backend restriction (the flash backend would refuse nothing here, but needs no mask
-    either way) and any number of keys."""
+    backend restriction and any number of keys. bias [m <= n] (float32) is added to the logits
+    of the first m keys (-inf: a padding row, weight exactly 0)."""
     b, hq, _, d = query.shape
     hkv = key.shape[1]
     q = query.reshape(b, hkv, hq // hkv, d)
     scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling
+    if bias is not None:
+        scores[..., : bias.shape[-1]] += bias
     probs = scores.softmax(dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # [B, Hkv, G, d]
     return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous()
@@ -47,7 +52,7 @@ def _attention(prefill_fn):
         if sink is not None:
             sink.append((query.detach(), key.detach()))
         if query.shape[2] == 1:
-            return decode_attention(query, key, value, scaling), None
+            return decode_attention(query, key, value, scaling, module.__dict__.get("_infinigen_bias")), None
         fn = prefill_fn(module)
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

@@ -3,8 +3,11 @@
 Per layer and step: the new token's K/V are appended to the host store (and, for a speculated
 layer, its partial key to the GPU partial-key cache); attention then sees the fetched rows
 (the whole prefix for a full layer, the selected tokens otherwise) followed by the new token's
-own K/V, which is used straight from the GPU. Prefill returns the chunk's K/V (plus, for later
-chunks of a chunked prefill, the earlier chunks read back from the host).
+own K/V, which is used straight from the GPU. A speculated layer always gets `cap` rows (the KV
+budget: a static shape) of which the first k were selected; the attention adds the fetch's bias
+(0 / -inf) to mask the rest, handed over as the attention module's `_infinigen_bias`. Prefill
+returns the chunk's K/V (plus, for later chunks of a chunked prefill, the earlier chunks read
+back from the host). Nothing here reads a device value on the host.
 
 Launch points (forward pre-hook of decoder layer i, see `on_layer_start`):
   - speculation + fetch of layer i+1 (if speculated), overlapping layer i;
@@ -67,9 +70,12 @@ class InfiniGenCache(Cache):
         cuda = self.transfer.cuda
         self.full_dev = {i: torch.empty((max_len, b, hkv, 2, d), dtype=dtype, device=dev) if cuda else None
                          for i in range(min(policy.full_layers, arch.n_layers))}
-        rows = b * hkv * min(policy.cap(max_len), max_len)
-        self.slots = [Slot(rows, d, dtype, dev, cuda) for _ in range(2)] if policy.skews else []
+        cap = min(policy.cap(max_len), max_len)
+        self.slots = [Slot(b * hkv * cap, cap, d, dtype, dev) for _ in range(2)] if policy.skews else []
+        self.keep_pos = torch.arange(cap, device=dev)  # positions 0..cap-1 of a fetch (padding mask)
+        self.lane = torch.arange(b * hkv, device=dev).view(b, hkv, 1)  # row offset of (sequence, kv head)
         self.pending: list = [None] * arch.n_layers
+        self._rope = (None, None)  # (this step's cos, skew.rope_table of it): one per step, all layers
 
     def device_bytes(self) -> int:
         """KV held on the compute device: partial keys and the fetch buffers."""
@@ -99,12 +105,22 @@ class InfiniGenCache(Cache):
         sk = self.policy.skews[j]
         alpha = self.policy.alpha
 
+        # the step's first speculation makes the RoPE table (on the side stream, from cos/sin,
+        # which are then record_stream'ed); later layers reuse it: the model passes every layer
+        # the same (cos, sin) objects within a step, and a new pair each step (the reference
+        # held here keeps the identity test sound).
+        fresh = position_embeddings is not None and position_embeddings[0] is not self._rope[0]
+
         def speculate():
-            pq = skew.partial_query(self.arch, j, sk, hidden, position_embeddings)
+            if fresh:
+                self._rope = (position_embeddings[0], skew.rope_table(position_embeddings))
+            pq = skew.partial_query(self.arch, j, sk, hidden, position_embeddings, self._rope[1])
             return select.select(select.scores(pq, partial_k), alpha, cap)
 
-        extra = (partial_k, *(position_embeddings or ()))
-        return self.transfer.launch_sparse(self.store, j, self.slots[j % 2], speculate, hidden, extra)
+        # partial_k lives as long as the cache; the table is made and used on the side stream only
+        extra = tuple(position_embeddings) if fresh else ()
+        return self.transfer.launch_sparse(self.store, j, self.slots[j % 2], speculate, hidden, extra,
+                                           self.keep_pos, self.lane)
 
     # -- the update -----------------------------------------------------------------------
     def layer_update(self, layer: InfiniGenLayer, key: torch.Tensor, value: torch.Tensor):
@@ -128,6 +144,8 @@ class InfiniGenCache(Cache):
         if got.tokens != start and layer.full:
             raise RuntimeError(f"layer {i}: prefetched {got.tokens} tokens, expected {start}")
         self.transfer.account(got, self.batch, layer.full)
+        # read by decode_attention right after this update (same module forward)
+        self.arch.attn(i).__dict__["_infinigen_bias"] = got.bias
         return torch.cat([got.keys, key], dim=2), torch.cat([got.values, value], dim=2)
 
     def _prefill_kv(self, i: int, start: int, key: torch.Tensor, value: torch.Tensor):

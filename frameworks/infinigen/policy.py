@@ -29,7 +29,6 @@ SKEW_TOKENS = 512  # warm-up tokens for the SVD (upstream: 2048 of PG-19; random
 
 class InfiniGenPolicy(KVPolicy):
     name = "infinigen"
-    threaded: bool | None = None  # None: a gather thread on CUDA only (tests force it on CPU)
     fetch: bool = True  # False: speculate but move nothing (overlap benchmark baseline)
 
     def __init__(self, spec):
@@ -73,7 +72,7 @@ class InfiniGenPolicy(KVPolicy):
         self.skews = skew.build(model, self.arch, range(self.full_layers, self.arch.n_layers), tokens, self.ratio)
         for i, layer in enumerate(self.arch.layers):
             layer.register_forward_pre_hook(partial(self._pre_hook, i), with_kwargs=True)
-        self.transfer = Transfer(self.device, threaded=self.threaded, fetch=self.fetch)
+        self.transfer = Transfer(self.device, fetch=self.fetch)
 
     def _pre_hook(self, i: int, module, args, kwargs):
         cache = kwargs.get("past_key_values")
@@ -91,33 +90,40 @@ class InfiniGenPolicy(KVPolicy):
             if self._store is not None:
                 self._store.close()
                 self._store = None
-            self._store = HostStore(*shape, pin=self.transfer.cuda)
+            self._store = HostStore(*shape, pin=self.transfer.cuda, device=self.device)
         return InfiniGenCache(self, self._store, batch_size, max_len)
 
     def kv_bytes(self, cache) -> int:
         return cache.device_bytes()
 
     def metrics(self) -> dict:
-        s = self.transfer.stats
+        t = self.transfer
+        s = t.stats
         steps = max(s["steps"], 1)
         sparse_layers = len(self.skews)
+        selected = t.selected_tokens()  # rows per (sequence, kv head), summed over speculated fetches
+        batch = self._store.batch if self._store else 0
         return {
             "infinigen": {
                 "alpha": self.alpha, "partial_weight_ratio": self.ratio, "max_num_kv": self.max_num_kv,
                 "kv_budget": self.kv_budget, "full_layers": self.full_layers,
                 "partial_dims": int(next(iter(self.skews.values())).proj.shape[-1]) if self.skews else None,
                 "skew_energy_kept": float(np.mean([v.energy for v in self.skews.values()])) if self.skews else None,
-                "gather": "cpu-index_select" + ("+thread" if self.transfer.pool else ""),
-                "fetch": self.transfer.fetch,
+                "gather": "uva-index_select" if t.cuda else "cpu-index_select",
+                "fetch": t.fetch,
             },
             "decode_steps": s["steps"],
-            "fetched_tokens_per_step": (s["full_tokens"] + s["sparse_tokens"]) / steps,
-            "fetched_tokens_per_step_speculated": s["sparse_tokens"] / steps,
-            "fetched_tokens_per_seq_layer_speculated":
-                s["sparse_tokens"] / max(s["sparse_fetches"], 1) / self._store.batch if self._store else None,
+            "fetched_tokens_per_step": (s["full_tokens"] + selected * batch) / steps,
+            "fetched_tokens_per_step_speculated": selected * batch / steps,
+            "fetched_tokens_per_seq_layer_speculated": selected / max(s["sparse_fetches"], 1) if self._store else None,
+            # bytes moved: full layers + every gathered row of the speculated ones (the budget,
+            # padding included: the static shape); the selected rows alone are the second figure
             "fetched_bytes_per_step": s["bytes"] / steps,
-            "h2d_bandwidth_gbps": self.transfer.measured_bandwidth_gbps(),
-            "gather_ms_per_step": s["gather_s"] * 1e3 / steps,
+            "selected_bytes_per_step": (s["bytes"] - s["gather_bytes"]
+                                        + (selected * batch * s["row_bytes"] if t.fetch else 0)) / steps,
+            "h2d_bandwidth_gbps": t.measured_bandwidth_gbps(),
+            "gather_bandwidth_gbps": t.measured_bandwidth_gbps(sparse=True),
+            "gather_ms_per_step": t.gather_ms() / steps,
             "host_kv_bytes": self._store.nbytes if self._store else 0,
             "speculated_layers": sparse_layers,
         }

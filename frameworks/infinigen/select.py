@@ -6,6 +6,12 @@ sequences and heads (one number for the batch, so transfers stay rectangular), c
 KV budget; each sequence and head then takes its own top tokens. With GQA the rows fetched are
 per kv head, so a kv head's score of a token is the max over its query heads (a token stays if
 any head of the group needs it); the count is still averaged over query heads as upstream.
+
+Static shapes: the count k is data-dependent and stays on the device. Every step gathers
+exactly `cap` rows per (sequence, kv head) — cap is the KV budget, a function of the sequence
+length only — whose first k are the selected tokens and the rest a copy of the first (a valid
+row); an additive attention bias (0 for the first k, -inf after) masks the padding. No .item(),
+no nonzero, no boolean indexing: nothing waits for the device.
 """
 
 from __future__ import annotations
@@ -23,18 +29,27 @@ def select(logits: torch.Tensor, alpha: float, cap: int) -> tuple[torch.Tensor, 
 
     Use the first k indices of every row; k in [1, min(cap, L)]. `cap` is the KV budget in tokens.
     """
-    length = logits.shape[-1]
+    b, hkv, g, length = logits.shape
     cap = max(1, min(cap, length))
     top = logits.amax(dim=-1, keepdim=True)
-    count = (logits > top - alpha).sum(dim=-1)  # [B, Hkv, G]
-    k = torch.div(count.sum(), count.numel(), rounding_mode="floor").clamp(1, cap)
+    total = (logits > top - alpha).sum()  # sum over rows of each row's count: one reduction
+    k = torch.div(total, b * hkv * g, rounding_mode="floor").clamp_(1, cap)
     per_kv = logits.amax(dim=2)  # [B, Hkv, L]
     idx = per_kv.topk(cap, dim=-1).indices
     return idx, k
 
 
-def flat_rows(idx: torch.Tensor, batch: int, kv_heads: int) -> torch.Tensor:
+def pad(idx: torch.Tensor, k: torch.Tensor, keep_pos: torch.Tensor):
+    """idx [B, Hkv, cap], k 0-d, keep_pos = arange(>= cap) -> (idx with positions >= k replaced by
+    position 0's token, keep [cap] bool). Shapes depend on cap only."""
+    keep = keep_pos[: idx.shape[-1]] < k
+    return torch.where(keep, idx, idx[..., :1]), keep
+
+
+def flat_rows(idx: torch.Tensor, batch: int, kv_heads: int, lane: torch.Tensor | None = None) -> torch.Tensor:
     """idx [B, Hkv, k] token positions -> row numbers in a token-major [L, B, Hkv, d] store
-    viewed as [L*B*Hkv, d] (as upstream's select_kv). Returned flat, in [B, Hkv, k] order."""
-    lane = torch.arange(batch * kv_heads, device=idx.device).view(batch, kv_heads, 1)
-    return (idx * (batch * kv_heads) + lane).reshape(-1)
+    viewed as [L*B*Hkv, d] (as upstream's select_kv). Returned flat, in [B, Hkv, k] order.
+    lane: arange(B*Hkv).view(B, Hkv, 1) on idx's device (made here if not given)."""
+    if lane is None:
+        lane = torch.arange(batch * kv_heads, device=idx.device).view(batch, kv_heads, 1)
+    return torch.add(lane, idx, alpha=batch * kv_heads).reshape(-1)

@@ -17,9 +17,14 @@ Where A is applied relative to RoPE:
   attention keeps the model's keys, the partial key cache is (RoPE(k) A)[:, cols] and the
   partial query (RoPE(W_q x) A)[:, cols] — RoPE mixes all of a head's dimensions, so it needs
   the full (already GPU-resident) q_proj of the next layer; only A[:, cols] is extra.
+  RoPE is folded into that projection instead of applied: RoPE(q) = q*cos + rotate_half(q)*sin
+  and rotate_half is a signed permutation, so RoPE(q) P = [q | q] * [cos | sin'] @ [P ; P']
+  with P' = rotate_half's transpose applied to P's rows and sin' = sin permuted alike (made
+  once per step, shared by all layers): one cat, one mul and one matmul per layer instead of
+  RoPE's nine ops; the logit scale is folded into [P ; P'] (`qproj`).
 - OPT (no RoPE): A is folded into W_q, b_q, W_k, b_k (W <- AᵀW per head, as upstream's
   `skew`), so the cached keys are skewed; the partial key is a column gather and the partial
-  query projection is the kept rows of the skewed W_q: a genuine [H·r, D] matrix.
+  query projection is the kept rows of the skewed W_q (pre-scaled): a genuine [H·r, D] matrix.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ class LayerSkew:
     proj: torch.Tensor  # [Hkv, d, r]: partial key = key @ proj (per kv head)
     cols: torch.Tensor  # [Hkv, r] kept columns of the skewed space
     energy: float  # share of the warm-up queries' squared norm in the kept columns
-    wq: torch.Tensor | None = None  # OPT: partial query weight [H*r, D]
-    bq: torch.Tensor | None = None  # OPT: its bias [H*r]
+    wq: torch.Tensor | None = None  # OPT: partial query weight [H*r, D] (times the attention scaling)
+    bq: torch.Tensor | None = None  # OPT: its bias [H*r] (same)
+    qproj: torch.Tensor | None = None  # RoPE: [Hkv, 2d, r] = [proj ; rotate_half-permuted proj] x logit scale
 
 
 def capture(model, arch, layers, tokens: torch.Tensor) -> dict:
@@ -99,7 +105,9 @@ def build(model, arch, layers, tokens: torch.Tensor, ratio: float) -> dict[int, 
         dev, dtype = attn.q_proj.weight.device, attn.q_proj.weight.dtype
         if arch.rope:
             proj = torch.gather(a, 2, gather)
-            out[i] = LayerSkew(proj.to(dev, dtype), cols.to(dev), energy)
+            h = d // 2  # rotate_half(q) @ P = q @ cat(P[h:], -P[:h]) (rows), given sin permuted alike
+            qproj = torch.cat((proj, proj[:, h:], -proj[:, :h]), dim=1) * arch.logit_scale(i)
+            out[i] = LayerSkew(proj.to(dev, dtype), cols.to(dev), energy, qproj=qproj.to(dev, dtype))
         else:
             a = a.to(dev)
             _rotate_rows(attn.q_proj, a, d)
@@ -107,20 +115,29 @@ def build(model, arch, layers, tokens: torch.Tensor, ratio: float) -> dict[int, 
             eye = torch.eye(d, device=dev).expand(arch.n_kv_heads, d, d)
             proj = torch.gather(eye, 2, gather.to(dev))
             rows = (cols.to(dev) + torch.arange(arch.n_heads, device=dev)[:, None] * d).reshape(-1)
-            wq = attn.q_proj.weight.data.index_select(0, rows)
-            bq = attn.q_proj.bias.data.index_select(0, rows) if attn.q_proj.bias is not None else None
+            wq = attn.q_proj.weight.data.index_select(0, rows) * attn.scaling
+            bq = attn.q_proj.bias.data.index_select(0, rows) * attn.scaling if attn.q_proj.bias is not None else None
             out[i] = LayerSkew(proj.to(dtype), cols.to(dev), energy, wq, bq)
     return out
 
 
-def partial_query(arch, j: int, skew: LayerSkew, x: torch.Tensor, position_embeddings=None) -> torch.Tensor:
+def rope_table(position_embeddings) -> torch.Tensor:
+    """(cos, sin) [B, T, d] -> [cos | sin'] [B, 1, T, 2d], sin' = sin with its halves swapped
+    (the factor rotate_half(q) meets once rotate_half is moved onto the projection)."""
+    cos, sin = position_embeddings
+    h = sin.shape[-1] // 2
+    return torch.cat((cos, sin[..., h:], sin[..., :h]), dim=-1).unsqueeze(1)
+
+
+def partial_query(arch, j: int, skew: LayerSkew, x: torch.Tensor, position_embeddings=None,
+                  table: torch.Tensor | None = None) -> torch.Tensor:
     """Layer j's partial query from the hidden state x [B, 1, D] (another layer's input):
-    [B, Hkv, G, r], scaled so that partial_query · partial_key approximates the logit."""
+    [B, Hkv, G, r], scaled so that partial_query · partial_key approximates the logit.
+    table: rope_table(position_embeddings), if already made for this step."""
     b = x.shape[0]
     if skew.wq is not None:  # OPT: the partial projection itself
-        attn = arch.attn(j)
-        pq = F.linear(arch.norm(j)(x), skew.wq, skew.bq) * attn.scaling
-        return pq.view(b, arch.n_kv_heads, arch.groups, -1)
-    q = arch.query(j, x, position_embeddings)  # [B, Hq, 1, d] post-RoPE
-    q = q.reshape(b, arch.n_kv_heads, arch.groups, arch.head_dim)
-    return torch.matmul(q, skew.proj) * arch.logit_scale(j)
+        return F.linear(arch.normed(j, x), skew.wq, skew.bq).view(b, arch.n_kv_heads, arch.groups, -1)
+    if table is None:
+        table = rope_table(position_embeddings)
+    q = arch.attn(j).q_proj(arch.normed(j, x)).view(b, arch.n_kv_heads, arch.groups, arch.head_dim)
+    return torch.matmul(torch.cat((q, q), dim=-1) * table, skew.qproj)

@@ -8,23 +8,75 @@ one random access per token and head, not two.
 On CUDA the store is page-locked with cudaHostRegister rather than torch's pinned allocator,
 which rounds every block up to a power of two (a 9 GB store would pin 16 GB); it is allocated
 once per shape and reused by every batch of a cell (pinning costs about a second per few GB).
+It is registered as mapped, and `device_view` makes a CUDA tensor aliasing it (unified virtual
+addressing): a GPU kernel (index_select) then reads only the selected rows over PCIe, with no
+CPU gather and no staging buffer.
 """
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
+
+_HOST_REGISTER_PORTABLE, _HOST_REGISTER_MAPPED = 1, 2
+_CU_POINTER_ATTRIBUTE_DEVICE_POINTER = 3
+_INT_OF_SIZE = {1: (torch.uint8, "|u1"), 2: (torch.int16, "<i2"), 4: (torch.int32, "<i4"), 8: (torch.int64, "<i8")}
+
+
+def _device_pointer(ptr: int) -> int | None:
+    """The device address of a page-locked host address, from the driver (None: no libcuda)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    out = ctypes.c_uint64(0)
+    err = lib.cuPointerGetAttribute(ctypes.byref(out), ctypes.c_int(_CU_POINTER_ATTRIBUTE_DEVICE_POINTER),
+                                    ctypes.c_uint64(ptr))
+    if err != 0:
+        raise RuntimeError(f"host address {ptr:#x} is not device-accessible (cuPointerGetAttribute error {err}): "
+                           "register it mapped (cudaHostRegister with cudaHostRegisterMapped) or use pin_memory()")
+    return out.value
+
+
+def device_view(host: torch.Tensor, device: torch.device | str = "cuda") -> torch.Tensor:
+    """A CUDA tensor of host's shape and dtype aliasing host's page-locked memory (zero-copy:
+    kernels reading it read host memory over PCIe). `host` must stay alive (and registered) as
+    long as the view is used. Raises RuntimeError if the memory is not device-accessible.
+
+    The device address comes from the driver (cuPointerGetAttribute); without a driver library
+    to ask, a page-locked tensor's own address is used (unified virtual addressing maps it 1:1)."""
+    if host.device.type != "cpu" or not host.is_contiguous():
+        raise RuntimeError("device_view needs a contiguous CPU tensor")
+    ptr = _device_pointer(host.data_ptr())
+    if ptr is None:
+        if not host.is_pinned():
+            raise RuntimeError("device_view: the host tensor is not page-locked (cudaHostRegister / pin_memory), "
+                               "so a GPU kernel cannot read it")
+        ptr = host.data_ptr()
+    int_dtype, typestr = _INT_OF_SIZE[host.element_size()]  # the interface has no bfloat16
+    iface = {"shape": tuple(host.shape), "typestr": typestr, "data": (ptr, False), "version": 3, "strides": None}
+    holder = type("HostAlias", (), {"__cuda_array_interface__": iface})()
+    view = torch.as_tensor(holder, device=device)
+    if view.dtype != int_dtype or view.data_ptr() != ptr:  # a copy, not an alias
+        raise RuntimeError(f"device_view: got {view.dtype} at {view.data_ptr():#x}, expected {int_dtype} at {ptr:#x}")
+    return view.view(host.dtype)
 
 
 class HostStore:
-    def __init__(self, n_layers: int, max_len: int, batch: int, kv_heads: int, head_dim: int, dtype, pin: bool):
+    def __init__(self, n_layers: int, max_len: int, batch: int, kv_heads: int, head_dim: int, dtype, pin: bool,
+                 device: torch.device | str = "cuda"):
         self.shape = (n_layers, max_len, batch, kv_heads, 2, head_dim)
         self.kv = torch.empty(self.shape, dtype=dtype)
         self._registered = False
+        self.dev = None  # CUDA: device_view(self.kv)
         if pin:
-            err = torch.cuda.cudart().cudaHostRegister(self.kv.data_ptr(), self.nbytes, 1)  # portable
+            flags = _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED
+            err = torch.cuda.cudart().cudaHostRegister(self.kv.data_ptr(), self.nbytes, flags)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {self.nbytes / 1e9:.1f} GB failed (error {int(err)})")
             self._registered = True
+            self.dev = device_view(self.kv, device)
 
     @property
     def nbytes(self) -> int:
@@ -40,15 +92,21 @@ class HostStore:
         return self.shape[2]
 
     def append(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """key/value [B, Hkv, n, d] (device) -> host tokens start..start+n: one copy, async on
-        CUDA (ordered on the current stream; readers wait on an event recorded after it)."""
+        """key/value [B, Hkv, n, d] (device) -> host tokens start..start+n: one stack kernel (it
+        writes the token-major layout directly) and one copy, async on CUDA (ordered on the
+        current stream; readers wait on an event recorded after it)."""
         n = key.shape[2]
-        kv = torch.stack((key, value), dim=3).permute(2, 0, 1, 3, 4).contiguous()  # [n, B, Hkv, 2, d]
+        kv = torch.stack((key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3)), dim=3)  # [n, B, Hkv, 2, d]
         self.kv[layer, start:start + n].copy_(kv, non_blocking=True)
 
     def rows(self, layer: int) -> torch.Tensor:
-        """[max_len*B*Hkv, 2*d] view: one row = one token's key and value for one kv head."""
+        """[max_len*B*Hkv, 2*d] host view: one row = one token's key and value for one kv head."""
         return self.kv[layer].view(-1, 2 * self.shape[-1])
+
+    def gather_source(self, layer: int) -> torch.Tensor:
+        """What the gather indexes: the rows' device alias on CUDA, the host rows on CPU."""
+        src = self.kv if self.dev is None else self.dev
+        return src[layer].view(-1, 2 * self.shape[-1])
 
     def prefix(self, layer: int, length: int) -> torch.Tensor:
         """Tokens 0..length as [length, B, Hkv, 2, d] (contiguous)."""
@@ -60,6 +118,7 @@ class HostStore:
         return p[..., 0, :].permute(1, 2, 0, 3), p[..., 1, :].permute(1, 2, 0, 3)
 
     def close(self) -> None:
+        self.dev = None
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self.kv.data_ptr())
             self._registered = False
@@ -72,17 +131,14 @@ class HostStore:
 
 
 class Slot:
-    """One of two rotating fetch buffers for the speculated layers (layer j uses slot j % 2):
-    device rows, their pinned staging copy and the pinned selection (idx, k) read by the gather.
-    Two suffice: layer j+2 reuses j's slot only after j's attention (stream order) and after j's
-    copy finished (event)."""
+    """One of two rotating buffers for the speculated layers (layer j uses slot j % 2): the
+    gathered rows and the attention bias that masks the padded ones, both sized for the largest
+    budget so every step reuses them. Two suffice: layer j+2's gather (side stream) starts after
+    an event recorded at layer j+1's start, i.e. after layer j's attention read the slot."""
 
-    def __init__(self, rows: int, head_dim: int, dtype, device: torch.device, cuda: bool):
+    def __init__(self, rows: int, cap: int, head_dim: int, dtype, device: torch.device):
         self.dev = torch.zeros((rows, 2 * head_dim), dtype=dtype, device=device)  # never NaN, even unfetched
-        self.stage = torch.empty((rows, 2 * head_dim), dtype=dtype, pin_memory=True) if cuda else None
-        self.idx = torch.empty(rows, dtype=torch.long, pin_memory=cuda)
-        self.k = torch.empty((), dtype=torch.long, pin_memory=cuda)
-        self.copied = None  # event: the last host->device copy out of `stage` is done
+        self.bias = torch.zeros(cap, dtype=torch.float32, device=device)
 
     @property
     def nbytes(self) -> int:

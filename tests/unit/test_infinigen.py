@@ -18,7 +18,7 @@ from frameworks.harness.result import Unsupported
 from frameworks.harness.spec import CellSpec
 from frameworks.hf.engine import Engine
 from frameworks.hf.policy import KVPolicy
-from frameworks.infinigen import select, skew
+from frameworks.infinigen import select, skew, transfer
 from frameworks.infinigen.arch import Arch
 from frameworks.infinigen.policy import InfiniGenPolicy
 from frameworks.infinigen.transfer import Transfer
@@ -33,10 +33,8 @@ def _spec(model, framework="infinigen", prefill="sdpa", kv_budget=1.0, **policy)
                     prompt_len=48, gen_len=6)
 
 
-def _engine(spec, policy_cls, threaded=None):
+def _engine(spec, policy_cls):
     policy = policy_cls(spec)
-    if threaded is not None:
-        policy.threaded = threaded
     model = models.build(spec.model, "random", "cpu", "float32", policy.attn_implementation(spec.prefill), 0)
     policy.prepare(model)
     eng = Engine(model, policy, "cpu", spec.prefill, spec.chunk_size)
@@ -48,8 +46,8 @@ def _prompts(model, b=2, n=48, seed=1):
     return np.random.default_rng(seed).integers(0, model.config.vocab_size, (b, n))
 
 
-def _generate(spec, policy_cls, threaded=None, gen=6):
-    eng, policy, model = _engine(spec, policy_cls, threaded)
+def _generate(spec, policy_cls, gen=6):
+    eng, policy, model = _engine(spec, policy_cls)
     eng.generate(_prompts(model), gen)
     return torch.stack(eng.step_logits), eng.last_tokens, policy
 
@@ -135,17 +133,37 @@ def test_speculation_with_all_columns_gives_the_true_logits(name):
     assert (spec - true).abs().max() / true.abs().max() < 1e-4
 
 
+def test_rope_folded_partial_query_equals_rope_then_projection():
+    """[q | q] * [cos | sin'] @ [P ; P'] = RoPE(q) @ P, for any cos/sin (halves not tied, so the
+    sin permutation is checked too), batch 2; and the fused RMSNorm equals the module."""
+    eng, policy, model = _engine(_spec(LLAMA, partial_weight_ratio=0.5), InfiniGenPolicy)
+    arch, j = policy.arch, 1
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 1, model.config.hidden_size, generator=g)
+    pe = (torch.randn(2, 1, arch.head_dim, generator=g), torch.randn(2, 1, arch.head_dim, generator=g))
+    with torch.inference_mode():
+        assert (arch.normed(j, x) - arch.norm(j)(x)).abs().max() < 1e-5
+        q = arch.query(j, x, pe).reshape(2, arch.n_kv_heads, arch.groups, arch.head_dim)
+        want = torch.matmul(q, policy.skews[j].proj) * arch.logit_scale(j)
+        got = skew.partial_query(arch, j, policy.skews[j], x, pe)
+        table = skew.rope_table(pe)
+        again = skew.partial_query(arch, j, policy.skews[j], x, None, table)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+    assert torch.equal(got, again)
+
+
 # -- full budget = full cache -----------------------------------------------------------
-@pytest.mark.parametrize("name,prefill,threaded,budget,policy", [
-    (LLAMA, "sdpa", None, 1.0, {}), (LLAMA, "eager", None, 1.0, {}), (LLAMA, "chunked", True, 1.0, {}),
-    (OPT, "eager", None, 1.0, {}), (OPT, "chunked", True, 1.0, {}),
-    (LLAMA, "sdpa", True, 0.1, {"max_num_kv": 10_000}),  # a token cap above the sequence length
-    (OPT, "sdpa", None, 0.1, {"max_num_kv": 10_000, "partial_weight_ratio": 0.5}),
+@pytest.mark.parametrize("name,prefill,budget,policy", [
+    (LLAMA, "sdpa", 1.0, {}), (LLAMA, "eager", 1.0, {}), (LLAMA, "chunked", 1.0, {}),
+    (OPT, "eager", 1.0, {}), (OPT, "chunked", 1.0, {}),
+    (LLAMA, "sdpa", 0.1, {"max_num_kv": 10_000}),  # a token cap above the sequence length
+    (OPT, "sdpa", 0.1, {"max_num_kv": 10_000, "partial_weight_ratio": 0.5}),
 ])
-def test_budget_covering_the_sequence_and_alpha_inf_equal_full_cache(name, prefill, threaded, budget, policy):
+def test_budget_covering_the_sequence_and_alpha_inf_equal_full_cache(name, prefill, budget, policy):
     ref, ref_tokens, _ = _generate(_spec(name, "hf", prefill), KVPolicy)
     got, tokens, policy = _generate(_spec(name, prefill=prefill, kv_budget=budget, alpha=math.inf, **policy),
-                                    InfiniGenPolicy, threaded)
+                                    InfiniGenPolicy)
     assert (got - ref).abs().max() < ATOL
     assert torch.equal(tokens, ref_tokens)
     m = policy.metrics()
@@ -199,21 +217,22 @@ def test_selection_matches_naive_reference(alpha, cap):
         assert set(idx[bi, h, : int(k)].tolist()) == want
 
 
-@pytest.mark.parametrize("name,threaded", [(LLAMA, False), (LLAMA, True), (OPT, False)])
-def test_engine_selection_and_fetched_rows(name, threaded, monkeypatch):
+@pytest.mark.parametrize("name", [LLAMA, OPT])
+def test_engine_selection_and_fetched_rows(name, monkeypatch):
     """In a real decode: the selection of layer j equals the naive reference computed from layer
-    j-1's input, and the rows that reach attention equal the host store's rows."""
-    eng, policy, model = _engine(_spec(name, kv_budget=0.3, alpha=3.0), InfiniGenPolicy, threaded)
+    j-1's input, and the rows that reach attention equal the host store's rows (the first k the
+    selected tokens, the rest padding: copies of the top token, masked by a -inf bias)."""
+    eng, policy, model = _engine(_spec(name, kv_budget=0.3, alpha=3.0), InfiniGenPolicy)
     arch, j = policy.arch, 1
     records = []
-    orig_gather = Transfer._gather
+    orig_launch = Transfer.launch_sparse
 
-    def gather(self, store, layer, slot, idx_host, selected, after):
-        got = orig_gather(self, store, layer, slot, idx_host, selected, after)
-        records.append((layer, idx_host[..., : got.tokens].clone(), got.keys.clone(), got.values.clone()))
+    def launch(self, store, layer, *args, **kwargs):
+        got = orig_launch(self, store, layer, *args, **kwargs)  # CPU: done on return
+        records.append((layer, got.idx.clone(), int(got.k), got.keys.clone(), got.values.clone(), got.bias.clone()))
         return got
 
-    monkeypatch.setattr(Transfer, "_gather", gather)
+    monkeypatch.setattr(Transfer, "launch_sparse", launch)
     inputs = []
     h = arch.layers[j - 1].register_forward_pre_hook(
         lambda m, a, kw: inputs.append((a[0], kw.get("position_embeddings"))) if a[0].shape[1] == 1 else None,
@@ -224,9 +243,10 @@ def test_engine_selection_and_fetched_rows(name, threaded, monkeypatch):
     eng.generate(_prompts(model), 2)
     h.remove()
     cache = caches[-1]
-    layer, idx, keys, values = records[-1]
-    assert layer == j
+    layer, idx, k, keys, values, bias = [r for r in records if r[0] == j][-1]
     length, b = 48, 2
+    cap = policy.cap(length)
+    assert idx.shape == (b, arch.n_kv_heads, cap) and keys.shape[2] == cap  # static: the budget
     # naive reference: next layer's own modules, per head, post-RoPE, skewed columns
     x, pe = inputs[-1]
     attn = arch.attn(j)
@@ -248,16 +268,125 @@ def test_engine_selection_and_fetched_rows(name, threaded, monkeypatch):
                 pq = q[bi, hq, 0] @ proj[kv]
                 pk = keys_post[:, bi, kv] @ proj[kv]
                 logits[bi, kv, hq % arch.groups] = (pk @ pq) * arch.logit_scale(j)
-    k_ref, chosen = _naive_select(logits, 3.0, policy.cap(length))
-    assert idx.shape[-1] == k_ref
+    k_ref, chosen = _naive_select(logits, 3.0, cap)
+    assert k == k_ref
     for (bi, h_), want in chosen.items():
-        assert set(idx[bi, h_].tolist()) == want
+        assert set(idx[bi, h_, :k].tolist()) == want
+        assert (idx[bi, h_, k:] == idx[bi, h_, 0]).all()  # padding: a valid row
+    assert torch.equal(bias, torch.tensor([0.0] * k + [-math.inf] * (cap - k)))
     # fetched rows == host rows
     for bi in range(b):
         for h_ in range(arch.n_kv_heads):
             rows = idx[bi, h_]
             assert torch.equal(keys[bi, h_], cache.store.kv[j, rows, bi, h_, 0])
             assert torch.equal(values[bi, h_], cache.store.kv[j, rows, bi, h_, 1])
+
+
+def test_gather_copies_the_selected_rows_and_pads_statically():
+    """select.pad + flat_rows + transfer.gather on CPU (the CUDA path runs the same functions
+    on the host store's device alias): row r of the output is store row (idx * B*Hkv + lane)."""
+    length, b, hkv, d, cap = 20, 2, 3, 4, 6
+    store = torch.randn(length, b, hkv, 2, d)
+    src = store.view(-1, 2 * d)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.stack([torch.randperm(length, generator=g)[:cap] for _ in range(hkv)]) for _ in range(b)])
+    keep_pos = torch.arange(10)
+    for k in (1, 4, cap):
+        padded, keep = select.pad(idx, torch.tensor(k), keep_pos)
+        assert padded.shape == idx.shape and keep.tolist() == [i < k for i in range(cap)]
+        out = torch.full((b * hkv * cap, 2 * d), math.nan)
+        got = transfer.gather(src, select.flat_rows(padded, b, hkv), out)
+        assert got.data_ptr() == out.data_ptr()
+        kv = out.view(b, hkv, cap, 2, d)
+        for bi in range(b):
+            for h in range(hkv):
+                want = store[padded[bi, h], bi, h]  # [cap, 2, d]
+                assert torch.equal(kv[bi, h], want)
+                assert torch.equal(kv[bi, h, :k], store[idx[bi, h, :k], bi, h])
+                assert torch.equal(kv[bi, h, k:], store[idx[bi, h, :1], bi, h].expand(cap - k, 2, d))
+
+
+def test_selection_shapes_do_not_depend_on_the_data():
+    """No host sync: the selected-index tensor's shape is a function of (B, Hkv, cap, L) only;
+    the data-dependent count k is a 0-d tensor that is never read on the host."""
+    g = torch.Generator().manual_seed(7)
+    flat = torch.zeros(2, 2, 4, 40)  # every token ties: k = cap
+    peaked = torch.randn(2, 2, 4, 40, generator=g) * 0.01
+    peaked[..., 3] = 100.0  # one critical token: k = 1
+    shapes, ks = set(), []
+    for logits in (flat, peaked, torch.randn(2, 2, 4, 40, generator=g) * 3):
+        idx, k = select.select(logits, 2.0, 12)
+        padded, keep = select.pad(idx, k, torch.arange(12))
+        shapes.add((idx.shape, padded.shape, keep.shape, select.flat_rows(padded, 2, 2).shape, k.shape))
+        ks.append(int(k))
+    assert len(shapes) == 1 and ks[0] == 12 and ks[1] == 1
+
+
+def test_device_view_of_pageable_memory_is_a_clear_error():
+    from frameworks.infinigen.store import device_view
+
+    with pytest.raises(RuntimeError, match="page-locked|not device-accessible"):
+        device_view(torch.zeros(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="contiguous CPU"):
+        device_view(torch.zeros(4, 8).t())
+
+
+class _HostSync(AssertionError):
+    pass
+
+
+def test_decode_path_never_reads_the_device_on_the_host(monkeypatch):
+    """While InfiniGen's hooks, cache update and decode attention run, no tensor is read on the
+    host (.item, int/float/bool of a tensor, .tolist, .cpu/.numpy) and nothing has a
+    data-dependent shape (nonzero, masked_select, boolean-mask indexing): on CUDA each would
+    be a device->host synchronisation. CPU stand-in for torch.cuda.set_sync_debug_mode."""
+    from frameworks.infinigen import attention
+    from frameworks.infinigen.cache import InfiniGenCache
+
+    eng, policy, model = _engine(_spec(LLAMA, kv_budget=0.3, alpha=3.0), InfiniGenPolicy)
+    state = {"on": 0, "calls": 0}
+
+    def guard(fn):
+        def wrapped(*a, **kw):
+            state["on"] += 1
+            state["calls"] += 1
+            try:
+                return fn(*a, **kw)
+            finally:
+                state["on"] -= 1
+        return wrapped
+
+    def forbid(name, orig):
+        def f(*a, **kw):
+            if state["on"]:
+                raise _HostSync(f"host sync in the decode path: {name}")
+            return orig(*a, **kw)
+        return f
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select",
+                 "cpu", "numpy", "unique"):
+        monkeypatch.setattr(torch.Tensor, name, forbid(name, getattr(torch.Tensor, name)))
+    for name in ("nonzero", "masked_select", "unique", "argwhere"):
+        monkeypatch.setattr(torch, name, forbid(name, getattr(torch, name)))
+    orig_getitem = torch.Tensor.__getitem__
+
+    def getitem(self, key):
+        keys = key if isinstance(key, tuple) else (key,)
+        if state["on"] and any(isinstance(x, torch.Tensor) and x.dtype == torch.bool for x in keys):
+            raise _HostSync("host sync in the decode path: boolean-mask indexing")
+        return orig_getitem(self, key)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    monkeypatch.setattr(InfiniGenCache, "on_layer_start", guard(InfiniGenCache.on_layer_start))
+    orig_update = InfiniGenCache.layer_update
+
+    def update(self, layer, key, value):  # decode steps only (prefill is allowed to do anything)
+        return guard(orig_update)(self, layer, key, value) if key.shape[2] == 1 else orig_update(self, layer, key, value)
+
+    monkeypatch.setattr(InfiniGenCache, "layer_update", update)
+    monkeypatch.setattr(attention, "decode_attention", guard(attention.decode_attention))
+    eng.generate(_prompts(model), 4)
+    assert state["calls"] > 3 * policy.arch.n_layers  # the guards did run
 
 
 # -- errors, adapter ----------------------------------------------------------------------
