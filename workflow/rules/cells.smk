@@ -2,6 +2,7 @@
 rule run_cell:
     input:
         code=get_framework_code,
+        image=get_cell_image,
     output:
         result="results/cells/{experiment}/{framework}/{model}/{cell}.json",
     log:
@@ -13,9 +14,10 @@ rule run_cell:
         gpu=get_cell_gpus,
     params:
         spec=get_cell_spec,
-        launcher=get_launcher,
+        launch=get_launch_options,
     shell:
-        # paths are not params: moving the checkout must not rerun every cell
+        # workflow/lib/launch.py runs the same run-cell arguments locally, in docker or apptainer,
+        # on a GPU of its own; paths are not params: moving the checkout must not rerun every cell
         "PYTHONPATH={REPO:q}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "{params.launcher} {PYTHON:q} -m frameworks.harness.run_cell "
+        "{PYTHON:q} -m workflow.lib.launch {params.launch} --gpus {resources.gpu} -- "
         "--spec {params.spec:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"
