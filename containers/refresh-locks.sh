@@ -13,25 +13,27 @@ UV_VERSION=0.13.9
 command -v uv >/dev/null || { echo "refresh-locks: install uv first: pip install uv==$UV_VERSION" >&2; exit 1; }
 [[ "$(uv --version)" == "uv $UV_VERSION"* ]] || echo "refresh-locks: warning: uv $UV_VERSION expected, have $(uv --version)" >&2
 
-compile() {  # <input> <output> <python> [extra uv args...]
-    local in=$1 out=$2 py=$3; shift 3
-    uv pip compile "$in" --output-file "$out" --generate-hashes --python-version "$py" \
-        --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+compile() {  # <input> <output> [extra uv args...]
+    local in=$1 out=$2; shift 2
+    uv pip compile "$in" --output-file "$out" --generate-hashes --index-url https://pypi.org/simple \
         --custom-compile-command "containers/refresh-locks.sh" --quiet "$@"
-    echo "refresh-locks: $out ($(grep -c '^[a-z]' "$out") packages)"
+    echo "refresh-locks: $out ($(grep -c '^[a-z]' "$out") pins)"
 }
 
-engine() {  # CUDA torch: Ubuntu 24.04's Python 3.12 (the CUDA base image)
-    compile engine/requirements.in engine/requirements.lock 3.12
+# The CUDA locks are universal for Python >= 3.11 (markers pick per Python): the images run
+# Ubuntu 24.04's 3.12, the CI test base (Debian bookworm) has 3.11, and one lock serves both.
+engine() {  # torch 2.11.0 = CUDA 13.0 wheels
+    compile engine/requirements.in engine/requirements.lock --universal --python-version 3.11
 }
 
-engine_cpu() {  # CI stand-in: Debian bookworm's Python 3.11, CPU torch (engine/cpu-overrides.txt)
-    compile engine/requirements.in engine/requirements-cpu.lock 3.11 --override engine/cpu-overrides.txt \
+engine_cpu() {  # CI stand-in: CPU torch (engine/cpu-overrides.txt) for bookworm's Python 3.11, Linux x86_64
+    compile engine/requirements.in engine/requirements-cpu.lock --python-version 3.11 \
+        --python-platform x86_64-manylinux_2_28 --override engine/cpu-overrides.txt \
         --find-links "${CPU_TORCH_FIND_LINKS:-https://download.pytorch.org/whl/cpu/torch/}"
 }
 
 vllm() {  # vLLM brings its own torch (2.8.0, CUDA 12.8 wheels)
-    compile vllm/requirements.in vllm/requirements.lock 3.12
+    compile vllm/requirements.in vllm/requirements.lock --universal --python-version 3.11
 }
 
 digests() {
