@@ -124,7 +124,7 @@ def run(argv: list[str], env: dict[str, str], timeout_s: float, on_stop, pass_fd
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        log(f"the cell ran past {timeout_s:g} s (its limit + {GRACE_S} s): stopping it; no result written")
+        log(f"the cell ran past {timeout_s:g} s (its own limit + {GRACE_S} s of grace): stopped; no result written")
         on_stop(proc)
         return 124
 
