@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,12 +17,14 @@ def run(repo, *args, env=None):
 
 
 def no_docker_path(tmp_path) -> str:
-    """A PATH with the shell tools Snakemake needs and no docker."""
+    """This PATH minus docker: every other executable, linked into one folder."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    for tool in ("bash", "sh", "git", "cat", "env"):
-        if shutil.which(tool):
-            (bindir / tool).symlink_to(shutil.which(tool))
+    for d in os.environ["PATH"].split(os.pathsep):
+        for exe in (Path(d).iterdir() if Path(d).is_dir() else []):
+            target = bindir / exe.name
+            if not exe.name.startswith("docker") and not target.exists() and os.access(exe, os.X_OK):
+                target.symlink_to(exe.resolve())
     return str(bindir)
 
 
@@ -54,3 +57,12 @@ def test_dry_run_of_gpu_preset_with_docker_needs_neither(repo_copy, tmp_path):
             env={"PATH": no_docker_path(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "results/images/engine.iid" in p.stdout and "results/images/vllm.iid" in p.stdout
+
+
+@pytest.mark.skipif(not shutil.which("docker") or subprocess.run(["docker", "info"], capture_output=True).returncode,
+                    reason="needs a running Docker engine")
+def test_gpu_preset_in_docker_without_nvidia_runtime(repo_copy):
+    p = run(repo_copy, "--config", "preset=paper", "runner=docker", "--", CELL, env={"CUDA_VISIBLE_DEVICES": ""})
+    if "nvidia" in subprocess.run(["docker", "info"], capture_output=True, text=True).stdout:
+        pytest.skip("this Docker has an NVIDIA runtime")
+    assert_stopped_before_work(p, repo_copy, "Docker has no NVIDIA runtime", "preset=smoke")
