@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: smoke paper test status
+.PHONY: smoke paper test test-docker test-vllm-image images gpu-wheels status
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,22 @@ paper: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/pytest
+
+# the docker tests alone; they fail (instead of skipping) without a Docker engine
+test-docker: $(VENV)/.installed
+	KVSTUDY_REQUIRE_DOCKER=1 $(BIN)/pytest tests/docker
+
+# separate CI job: the vLLM image builds from its lock and imports vllm (~5 min, ~11 GB)
+test-vllm-image: $(VENV)/.installed
+	KVSTUDY_REQUIRE_DOCKER=1 KVSTUDY_TEST_VLLM_IMAGE=1 $(BIN)/pytest tests/docker/test_vllm_image.py
+
+# every framework image of a preset (runner=docker), without running cells
+images: $(VENV)/.installed
+	$(BIN)/snakemake --cores all --config preset=$(PRESET) runner=docker $(CONFIG) -- $(addprefix results/images/,$(addsuffix .iid,engine hf h2o infinigen vllm))
+
+# wheels of snakemake and its dependencies for the offline 2-GPU check (benchmarks/gpu_two_cells.sh)
+gpu-wheels:
+	benchmarks/gpu_wheels.sh
 
 # cells that did not measure, with the command to rerun each (PRESET=smoke|paper)
 PRESET ?= smoke

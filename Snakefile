@@ -1,5 +1,5 @@
 # kvstudy: KV cache management strategies for LLM inference (arXiv 2604.05012).
-# config -> cell table -> one job per cell -> results/cells/**.json -> tables -> figures.
+# config -> cell table -> framework images -> one job per cell -> results/cells/**.json -> tables -> figures.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -9,9 +9,15 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/images.smk"
 include: "workflow/rules/cells.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+
+
+# Before any image build or cell (not in a dry-run): Docker, NVIDIA runtime, GPUs present.
+onstart:
+    run_preflight()
 
 
 # Default target: every table and figure of the selected preset.

@@ -2,6 +2,7 @@
 rule run_cell:
     input:
         code=get_framework_code,
+        image=get_cell_image,
     output:
         result="results/cells/{experiment}/{framework}/{model}/{cell}.json",
     log:
@@ -13,11 +14,13 @@ rule run_cell:
         gpu=get_cell_gpus,
     params:
         spec=get_cell_spec,
-        launcher=get_launcher,
+        launch=get_launch_options,
         # relative to the working directory: moving the checkout must not rerun every cell
         repo=os.path.relpath(REPO),
         python=PYTHON,
     shell:
+        # workflow/lib/launch.py runs the same run-cell arguments locally, in docker or apptainer,
+        # on a GPU of its own
         "PYTHONPATH={params.repo:q}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "{params.launcher} {params.python:q} -m frameworks.harness.run_cell "
+        "{params.python:q} -m workflow.lib.launch {params.launch} --gpus {resources.gpu} -- "
         "--spec {params.spec:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"

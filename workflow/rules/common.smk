@@ -1,5 +1,6 @@
 # Config -> cell table, and the input functions every rule uses.
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ sys.path.insert(0, REPO)
 from snakemake.exceptions import WorkflowError
 
 from frameworks.harness.spec import CellSpec
-from workflow.lib import celltable
+from workflow.lib import celltable, images, preflight
 
 try:
     PRESET = celltable.load_preset(config.get("preset", ""))
@@ -25,6 +26,8 @@ except celltable.ConfigError as e:
     raise WorkflowError(f"kvstudy: {e}") from None
 
 EXPERIMENTS = sorted({c.experiment for c in CELLS.values()})
+RUNNER = config["runner"]
+IMAGE_CONFIG = config.get("images") or {}
 
 # figure -> the experiment whose table it plots (one script per figure: workflow/scripts/<figure>.py)
 FIGURES = {
@@ -84,9 +87,55 @@ def get_framework_code(wildcards) -> list[str]:
     return sorted(files)
 
 
-def get_launcher(wildcards) -> str:
-    # prefix of the cell command for the configured runner (local: none)
-    return ""
+def get_cell_image(wildcards) -> list[str]:
+    # every cell depends on its framework's image (docker: its id; apptainer: the .sif)
+    ext = {"local": None, "docker": "iid", "apptainer": "sif"}[RUNNER]
+    return (
+        [f"results/images/{images.image_of(wildcards.framework)}.{ext}"] if ext else []
+    )
+
+
+def get_launch_options(wildcards) -> str:
+    # runner and image only: relative, machine-independent (GPU, uid, paths: decided at run time)
+    image = get_cell_image(wildcards)
+    return f"--runner {RUNNER}" + (f" --image {image[0]}" if image else "")
+
+
+def get_image_inputs(wildcards) -> dict:
+    args = (IMAGE_CONFIG.get("build_args") or {}).get(wildcards.image) or {}
+    inputs = {
+        "dockerfile": f"containers/{wildcards.image}/Dockerfile",
+        "code": images.code_files(wildcards.image),
+    }
+    lock = images.lock_file(wildcards.image, args)
+    if lock:
+        inputs["lock"] = lock
+    if wildcards.image in images.ENGINE_IMAGES:
+        inputs["engine"] = "results/images/engine.iid"
+    return inputs
+
+
+def get_image_build_options(wildcards) -> str:
+    # the config's build args for this image (changing them rebuilds it) and the build network
+    args = (IMAGE_CONFIG.get("build_args") or {}).get(wildcards.image) or {}
+    opts = [f"--build-arg {shlex.quote(f'{k}={v}')}" for k, v in sorted(args.items())]
+    if IMAGE_CONFIG.get("build_network"):
+        opts.append(f"--network {shlex.quote(IMAGE_CONFIG['build_network'])}")
+    return " ".join(opts)
+
+
+def run_preflight() -> None:
+    # onstart: real runs only (never `snakemake -n`), and only if cells or images are to be made
+    pending = {job.rule.name for job in workflow.dag.needrun_jobs()}
+    if not pending & {"run_cell", "image", "image_sif"}:
+        return
+    needs_gpu = PRESET["device"] == "cuda" and "run_cell" in pending
+    found = preflight.problems(RUNNER, needs_gpu, local_host=workflow.local_exec)
+    if found:
+        raise WorkflowError(
+            "kvstudy preflight: cannot run this configuration:\n  - "
+            + "\n  - ".join(found)
+        )
 
 
 def get_experiment_cells(wildcards) -> list[str]:

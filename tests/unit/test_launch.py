@@ -1,0 +1,64 @@
+"""The launcher: the command each runner gets, where secrets go, GPU per cell on the local runner."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from frameworks.harness.spec import CellSpec
+from tests.conftest import REPO
+from workflow.lib import launch
+
+CELL = ["--spec", "{}", "--out", "results/cells/batch/hf/m/bs1.json", "--threads", "2"]
+
+
+def test_docker_command_isolates_and_names_the_cell(tmp_path):
+    argv = launch.docker_argv("sha256:abc", "kvstudy_x", 1234, 99, tmp_path / "results", "GPU-7",
+                              {"KVSTUDY_IMAGE_ID": "sha256:abc"}, ["HF_TOKEN"], CELL)
+    s = " ".join(argv)
+    assert argv[:3] == ["docker", "run", "--rm"]
+    for part in ("--name kvstudy_x", "--user 1234:99", "--network none", "--gpus device=GPU-7",
+                 f"--volume {(tmp_path / 'results').resolve()}:/work/results", "--env KVSTUDY_IMAGE_ID=sha256:abc",
+                 "--env CUDA_VISIBLE_DEVICES=GPU-7"):
+        assert part in s
+    assert argv[argv.index("sha256:abc", argv.index("--user")):] == ["sha256:abc", *CELL]  # entry point: run-cell
+    assert argv[argv.index("HF_TOKEN") - 1] == "--env"  # by name only; docker copies the value
+
+
+def test_docker_cpu_cell_gets_no_gpu_and_index_gpus_are_not_renamed(tmp_path):
+    assert "--gpus" not in launch.docker_argv("i", "n", 1, 1, tmp_path, None, {}, [], CELL)
+    argv = launch.docker_argv("i", "n", 1, 1, tmp_path, "3", {}, [], CELL)
+    assert "device=3" in argv and not any(a.startswith("CUDA_VISIBLE_DEVICES") for a in argv)
+
+
+def test_container_name_is_the_cell_and_differs_per_checkout(tmp_path):
+    a = launch.container_name("results/cells/batch/hf/llama-3.1-8b/bs8_in2048.json", tmp_path / "a")
+    b = launch.container_name("results/cells/batch/hf/llama-3.1-8b/bs8_in2048.json", tmp_path / "b")
+    assert a.startswith("kvstudy_batch_hf_llama-3.1-8b_bs8_in2048_") and a != b
+
+
+def test_apptainer_gets_gpu_and_secret_by_environment_only(tmp_path):
+    argv = launch.apptainer_argv("results/images/hf.sif", tmp_path, "0", CELL)
+    assert argv[:2] == ["apptainer", "exec"] and "--nv" in argv and "--cleanenv" in argv
+    assert argv[argv.index("results/images/hf.sif"):] == ["results/images/hf.sif", "python", "-m",
+                                                           "frameworks.harness.run_cell", *CELL]
+    env = launch.apptainer_env({"HF_TOKEN": "hf_secret", "PATH": "/bin"}, {"KVSTUDY_IMAGE_ID": "sha256:1"}, "0",
+                               ["HF_TOKEN"])
+    assert env["APPTAINERENV_HF_TOKEN"] == "hf_secret" and env["APPTAINERENV_CUDA_VISIBLE_DEVICES"] == "0"
+    assert "hf_secret" not in " ".join(argv)
+
+
+def test_local_gpu_cell_runs_on_its_claimed_gpu(tmp_path):
+    spec = CellSpec(experiment="batch", framework="hf", model="tiny-llama-3.1", batch_size=1, prompt_len=16, gen_len=2,
+                    warmup=0, device="cpu", dtype="float32", timeout_s=120)
+    out = tmp_path / "cell.json"
+    env = {**os.environ, "KVSTUDY_GPUS": "fake0,fake1", "KVSTUDY_GPU_LOCK_DIR": str(tmp_path / "locks"),
+           "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "workflow.lib.launch", "--runner", "local", "--gpus", "1", "--",
+                        "--spec", spec.to_json(), "--out", str(out), "--threads", "1"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(out.read_text())["provenance"]["cuda_visible_devices"] == "fake0"
+    assert "on GPU fake0" in p.stderr and ": start (local)" in p.stderr and "end, exit 0" in p.stderr
+    assert Path(tmp_path / "locks" / "gpu-fake0.lock").exists()

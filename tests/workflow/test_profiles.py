@@ -1,0 +1,19 @@
+"""The SLURM profile: a dry-run through the SLURM executor plugin plans every cell as a 1-GPU job."""
+
+import importlib.util
+import re
+
+import pytest
+
+from tests.conftest import snakemake
+
+
+@pytest.mark.skipif(importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
+                    reason="snakemake-executor-plugin-slurm not installed (pip install -e '.[dev]')")
+def test_slurm_profile_dry_run(repo_copy):
+    p = snakemake(repo_copy, "-n", "--workflow-profile", "profiles/slurm", "--config", "preset=paper",
+                  "runner=apptainer")
+    assert p.returncode == 0, p.stderr[-3000:]
+    counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", p.stdout, re.M)}
+    assert counts["image"] == 5 and counts["image_sif"] == 4 and counts["run_cell"] > 100
+    assert "slurm_partition=gpu" in p.stdout and "gpu=1" in p.stdout

@@ -1,0 +1,206 @@
+"""Run one cell's `run-cell` command through the configured runner, on its own GPU.
+
+    python -m workflow.lib.launch --runner docker --image results/images/hf.iid --gpus 1 \
+        -- --spec '<json>' --out results/cells/.../<id>.json --threads 8
+
+The arguments after `--` are the cell command, the same for every runner:
+  local      python -m frameworks.harness.run_cell ARGS    (this Python environment)
+  docker     docker run ... <image id> ARGS                (the image's entry point is run-cell)
+  apptainer  apptainer exec --nv <image>.sif python -m frameworks.harness.run_cell ARGS
+Everything machine-specific (absolute paths, uid, GPU, image id, git commit) is decided here at
+run time, so none of it is a Snakemake param: moving the checkout reruns nothing.
+
+Secrets (HF_TOKEN) go to the container by environment only: `docker run --env HF_TOKEN` names
+the variable and docker copies its value from this process; apptainer gets APPTAINERENV_HF_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from workflow.lib import gpus as gpulib
+
+RUNNERS = ("local", "docker", "apptainer")
+SECRETS = ("HF_TOKEN",)  # passed by name only, never by value on a command line
+CELL_MODULE = ("-m", "frameworks.harness.run_cell")
+WORKDIR = "/work"  # the images' WORKDIR; results/ is mounted at /work/results
+GRACE_S = 300  # on top of the cell's own time limit: image start, model build, result write
+
+
+def log(msg: str) -> None:
+    print(f"kvstudy-launch: {datetime.now(timezone.utc).isoformat()} {msg}", file=sys.stderr, flush=True)
+
+
+def cell_option(cell_args: list[str], name: str) -> str | None:
+    for i, a in enumerate(cell_args[:-1]):
+        if a == name:
+            return cell_args[i + 1]
+    return None
+
+
+def container_name(out: str, results_dir: Path) -> str:
+    """Readable (the cell's path) and unique per checkout, so two checkouts never collide."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", out.removeprefix("results/cells/").removesuffix(".json"))
+    tag = hashlib.sha1(str(results_dir.resolve()).encode()).hexdigest()[:8]
+    return f"kvstudy_{stem[:180]}_{tag}"
+
+
+def read_image_id(path: str) -> str:
+    text = Path(path).read_text().strip()
+    if not text:
+        raise SystemExit(f"kvstudy-launch: {path} is empty; rebuild the image (snakemake --forcerun {path})")
+    return text
+
+
+def git_env() -> dict[str, str]:
+    """The host's git view for provenance (the image has no .git)."""
+    from frameworks.harness.provenance import _git
+
+    g = _git()
+    return {"KVSTUDY_GIT_COMMIT": g["commit"] or "", "KVSTUDY_GIT_DIRTY": "1" if g["dirty"] else "0"}
+
+
+def docker_argv(image_id: str, name: str, uid: int, gid: int, results_dir: Path, gpu: str | None,
+                env: dict[str, str], secret_names: list[str], cell_args: list[str]) -> list[str]:
+    argv = ["docker", "run", "--rm", "--name", name, "--init",
+            "--hostname", socket.gethostname(),  # provenance names the machine, not a container id
+            "--user", f"{uid}:{gid}",  # results belong to the caller, not to the image's user
+            "--network", "none",  # a cell needs no network; models are local configs
+            "--shm-size", "16g",  # vLLM's workers talk through shared memory
+            "--volume", f"{results_dir.resolve()}:{WORKDIR}/results",
+            "--env", "HOME=/tmp"]  # an arbitrary --user has no home in the image
+    if gpu is not None:
+        argv += ["--gpus", f"device={gpu}"]
+        if gpu.startswith("GPU-"):  # a UUID selects the same GPU inside; provenance records it
+            argv += ["--env", f"CUDA_VISIBLE_DEVICES={gpu}"]
+    for k, v in sorted(env.items()):
+        argv += ["--env", f"{k}={v}"]
+    for k in secret_names:
+        argv += ["--env", k]  # by name: docker reads the value from our environment
+    return argv + [image_id, *cell_args]
+
+
+def apptainer_argv(sif: str, results_dir: Path, gpu: str | None, cell_args: list[str]) -> list[str]:
+    argv = ["apptainer", "exec", "--cleanenv", "--containall",
+            "--bind", f"{results_dir.resolve()}:{WORKDIR}/results", "--pwd", WORKDIR]
+    if gpu is not None:
+        argv.append("--nv")
+    return argv + [sif, "python", *CELL_MODULE, *cell_args]
+
+
+def apptainer_env(base: dict[str, str], env: dict[str, str], gpu: str | None, secret_names: list[str]) -> dict[str, str]:
+    """--cleanenv drops the host environment; APPTAINERENV_X sets X inside."""
+    out = dict(base)
+    wanted = dict(env)
+    if gpu is not None:
+        wanted["CUDA_VISIBLE_DEVICES"] = gpu
+    for k in secret_names:
+        wanted[k] = base[k]
+    out.update({f"APPTAINERENV_{k}": v for k, v in wanted.items()})
+    return out
+
+
+def run(argv: list[str], env: dict[str, str], timeout_s: float, on_stop, pass_fds=()) -> int:
+    """Run argv; on a signal or past timeout_s, call on_stop (remove the container) and give up."""
+    proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, start_new_session=True)
+
+    def stop(signum, _frame):
+        log(f"interrupted (signal {signum}): stopping the cell")
+        on_stop(proc)
+        sys.exit(128 + signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, stop)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        log(f"the cell ran past {timeout_s:g} s (its own limit + {GRACE_S} s of grace): stopped; no result written")
+        on_stop(proc)
+        return 124
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def docker_remover(name: str):
+    def stop(proc: subprocess.Popen) -> None:
+        subprocess.run(["docker", "rm", "--force", name], capture_output=True, timeout=120)
+        kill_group(proc)
+
+    return stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        raise SystemExit("kvstudy-launch: usage: launch [options] -- <run-cell arguments>")
+    cut = argv.index("--")
+    ap = argparse.ArgumentParser(prog="kvstudy-launch")
+    ap.add_argument("--runner", choices=RUNNERS, default="local")
+    ap.add_argument("--image", help="docker: results/images/<fw>.iid; apptainer: results/images/<fw>.sif")
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs the cell needs (0 or 1)")
+    args = ap.parse_args(argv[:cut])
+    cell_args = argv[cut + 1:]
+    out = cell_option(cell_args, "--out") or "cell"
+    spec = json.loads(cell_option(cell_args, "--spec") or "{}")
+    timeout_s = float(spec.get("timeout_s", 3600)) + GRACE_S
+    env = dict(os.environ)
+
+    if args.runner == "local" and not args.gpus:  # CPU cell: nothing to claim, nothing to wrap
+        os.execv(sys.executable, [sys.executable, *CELL_MODULE, *cell_args])
+
+    claim = None
+    gpu = None
+    if args.gpus:
+        visible = gpulib.discover()
+        if env.get("SLURM_JOB_ID") and visible:
+            gpu = visible[0]  # SLURM already gave this job its own GPU (gres); no host-wide lock
+        else:
+            try:
+                claim = gpulib.claim(visible, on_wait=lambda: log(f"all GPUs {visible} busy: waiting for one"))
+            except gpulib.NoGPU as e:
+                raise SystemExit(f"kvstudy-launch: {e}") from None
+            gpu = claim.gpu
+        log(f"{out}: on GPU {gpu}")
+    fds = (claim.fd,) if claim else ()
+
+    log(f"{out}: start ({args.runner})")
+    if args.runner == "local":
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        rc = run([sys.executable, *CELL_MODULE, *cell_args], env, timeout_s, kill_group, fds)
+    else:
+        results_dir = Path("results")
+        meta = {**git_env(), "KVSTUDY_IMAGE_ID": read_image_id(
+            args.image if args.runner == "docker" else str(Path(args.image).with_suffix(".iid")))}
+        secrets = [k for k in SECRETS if env.get(k)]
+        if args.runner == "docker":
+            name = container_name(out, results_dir)
+            subprocess.run(["docker", "rm", "--force", name], capture_output=True)  # left by a killed run
+            cmd = docker_argv(meta["KVSTUDY_IMAGE_ID"], name, os.getuid(), os.getgid(), results_dir, gpu, meta,
+                              secrets, cell_args)
+            rc = run(cmd, env, timeout_s, docker_remover(name), fds)
+        else:
+            cmd = apptainer_argv(args.image, results_dir, gpu, cell_args)
+            rc = run(cmd, apptainer_env(env, meta, gpu, secrets), timeout_s, kill_group, fds)
+    log(f"{out}: end, exit {rc}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
