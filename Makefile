@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 # the whole pipeline on the CPU preset: cells -> tables -> figures
 smoke: $(VENV)/.installed
-	$(BIN)/snakemake --cores all --config preset=smoke $(CONFIG)
+	$(BIN)/snakemake --cores all --config preset=smoke runner=local $(CONFIG)
 
 # the paper's experiments (GPU host)
 paper: $(VENV)/.installed
@@ -43,4 +43,4 @@ gpu-wheels:
 # cells that did not measure, with the command to rerun each (PRESET=smoke|paper)
 PRESET ?= smoke
 status: $(VENV)/.installed
-	$(BIN)/python -m workflow.lib.status --config preset=$(PRESET)
+	$(BIN)/python -m workflow.lib.status --config preset=$(PRESET) $(if $(filter smoke,$(PRESET)),runner=local) $(CONFIG)

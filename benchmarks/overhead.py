@@ -51,10 +51,10 @@ def cell_overhead(reps: int) -> dict:
 
 def snakemake_times() -> dict:
     sm = [sys.executable, "-m", "snakemake", "--cores", "all"]
-    _, p = timed(sm + ["--config", "preset=smoke"])  # complete it first (may run cells)
+    _, p = timed(sm + ["--config", "preset=smoke", "runner=local"])  # complete it first (may run cells)
     if p.returncode:
         raise SystemExit(p.stderr[-3000:])
-    noop, p = timed(sm + ["--config", "preset=smoke"])
+    noop, p = timed(sm + ["--config", "preset=smoke", "runner=local"])
     assert "Nothing to be done" in p.stdout + p.stderr, "the second smoke run was not a no-op"
     dry, p = timed(sm + ["-n", "--config", "preset=paper"])
     if p.returncode:
