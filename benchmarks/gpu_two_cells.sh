@@ -24,7 +24,7 @@ nvidia-smi --query-compute-apps=timestamp,gpu_uuid,pid,used_memory --format=csv 
 smi=$!
 trap 'kill $smi 2>/dev/null || true' EXIT
 start=$(date +%s)
-python3 -m snakemake --cores 8 --resources gpu=2 --config preset=gpu2 2>&1 | tee "$OUT/snakemake.log"
+python3 -m snakemake --cores 8 --resources gpu=2 --config preset=gpu2 runner=local 2>&1 | tee "$OUT/snakemake.log"
 echo "snakemake: $(( $(date +%s) - start )) s" | tee -a "$OUT/snakemake.log"
 cp -r results/cells "$OUT/cells" && cp -r logs/cells "$OUT/logs"
 python3 - "$OUT" <<'PY'
