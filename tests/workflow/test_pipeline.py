@@ -133,9 +133,12 @@ def test_killed_run_resumes_without_redoing_finished_cells(repo_copy):
     proc = subprocess.Popen(args, cwd=repo_copy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     n = len(cells_of("smoke", experiments=["request_rate"], frameworks=["hf"]))
     cells_dir = repo_copy / "results/cells/request_rate"
+    logs_dir = repo_copy / "logs/cells/request_rate"
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(cells_dir.rglob("*.json"))) < 1:
-        time.sleep(0.5)
+    # cells run one at a time (cell_threads: all): once the second has started, the first is
+    # finished and recorded by Snakemake, and the second is still running
+    while time.time() < deadline and len(list(logs_dir.rglob("*.log"))) < 2:
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # no clean shutdown: as a crash or a lost node
     proc.wait()
     done = {p: p.stat().st_mtime_ns for p in cells_dir.rglob("*.json")}
