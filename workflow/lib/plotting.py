@@ -95,3 +95,18 @@ def finish(ax, title: str | None = None) -> None:
     handles, _ = ax.get_legend_handles_labels()
     if handles:
         ax.legend()
+
+
+def lines_per_model(df: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, outputs,
+                    by: tuple[str, ...] = ("framework", "prefill"), logy: bool = False) -> None:
+    """The common figure: one panel per model, a line per group over a log2 x axis; saved."""
+    fig, panels = by_model(df)
+    for model, ax in panels:
+        lines(ax, df[df["model"] == model], x, y, by=by)
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        finish(ax, model)
+    save(fig, outputs)
