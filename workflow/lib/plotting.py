@@ -18,7 +18,7 @@ MARKERS = {"eager": "s", "sdpa": "o", "flash": "o", "chunked": "^"}
 FAILED = {"oom": "OOM", "timeout": "timeout", "unsupported": "unsupported"}
 
 plt.rcParams.update({"figure.dpi": 150, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
-                     "legend.fontsize": 7, "savefig.bbox": "tight"})
+                     "legend.fontsize": 7, "savefig.bbox": "tight", "figure.constrained_layout.use": True})
 
 
 def load(path: str) -> pd.DataFrame:

@@ -15,12 +15,8 @@ rule run_cell:
     params:
         spec=get_cell_spec,
         launch=get_launch_options,
-        # relative to the working directory: moving the checkout must not rerun every cell
-        repo=os.path.relpath(REPO),
-        python=PYTHON,
     shell:
         # workflow/lib/launch.py runs the same run-cell arguments locally, in docker or apptainer,
         # on a GPU of its own
-        "PYTHONPATH={params.repo:q}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "{params.python:q} -m workflow.lib.launch {params.launch} --gpus {resources.gpu} -- "
+        '"$KVSTUDY_PYTHON" -m workflow.lib.launch {params.launch} --gpus {resources.gpu} -- '
         "--spec {params.spec:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"

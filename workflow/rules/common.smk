@@ -6,13 +6,16 @@ from pathlib import Path
 
 # frameworks/ and workflow/ importable without installing
 REPO = workflow.basedir
-# the interpreter of this run, relative to the checkout when it lives inside it (.venv)
-PYTHON = (
-    os.path.relpath(sys.executable)
-    if Path(sys.executable).absolute().is_relative_to(Path(REPO).absolute())
-    else sys.executable
-)
 sys.path.insert(0, REPO)
+# Every job runs this interpreter with this checkout first on its path. Set through the shell
+# prefix, not params: interpreter and checkout paths differ between machines and invocations
+# (`snakemake` vs `python -m snakemake`), and a param change would rerun every cell.
+shell.prefix(
+    "set -euo pipefail; "
+    f"export KVSTUDY_PYTHON={shlex.quote(sys.executable)}; "
+    # (Snakemake formats the prefix too: doubled braces reach the shell single)
+    f"export PYTHONPATH={shlex.quote(REPO)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
 
 from snakemake.exceptions import WorkflowError
 

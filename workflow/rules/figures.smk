@@ -2,6 +2,7 @@
 rule figure:
     input:
         table=get_figure_table,
+        lib="workflow/lib/plotting.py",  # shared by every figure script: a change redraws them
     output:
         pdf="results/figures/{figure}.pdf",
         png="results/figures/{figure}.png",

@@ -13,11 +13,8 @@ rule image:
         image="|".join(images.IMAGES),
     params:
         build=get_image_build_options,
-        repo=os.path.relpath(REPO),
-        python=PYTHON,
     shell:
-        "PYTHONPATH={params.repo:q}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "{params.python:q} -m workflow.lib.images {wildcards.image} --iid {output.iid:q} {params.build} > {log:q} 2>&1"
+        '"$KVSTUDY_PYTHON" -m workflow.lib.images {wildcards.image} --iid {output.iid:q} {params.build} > {log:q} 2>&1'
 
 
 # Apptainer image from the same Docker image (where Docker is; copy the .sif to a cluster).

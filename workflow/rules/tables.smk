@@ -2,6 +2,7 @@
 rule table:
     input:
         cells=get_experiment_cells,
+        lib="workflow/lib/tables.py",  # the row definition: a change rebuilds every table
     output:
         table="results/tables/{experiment}.csv",
     log:
