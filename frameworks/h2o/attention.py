@@ -115,26 +115,26 @@ def _scaling(q, scaling):
     return scaling if scaling is not None else q.shape[-1] ** -0.5
 
 
-def h2o_eager(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    layer, scaling = _layer(module), _scaling(query, scaling)
-    if layer.decoding:
-        out, probs = decode_with_scores(query, key, value, scaling)
-        layer.add_step_scores(probs)
+def _h2o_attention(prefill):
+    """An attention function: decode steps add their probabilities to the layer's scores;
+    prefill is `prefill(query, key, value, scaling) -> (output, column sums)`."""
+
+    def attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+        layer, scaling = _layer(module), _scaling(query, scaling)
+        if layer.decoding:
+            out, probs = decode_with_scores(query, key, value, scaling)
+            layer.add_step_scores(probs)
+            return out, None
+        out, col = prefill(query, key, value, scaling)
+        layer.add_prompt_scores(col)
         return out, None
-    out, col = eager_with_scores(query, key, value, scaling)
-    layer.add_prompt_scores(col)
-    return out, None
+
+    return attention
 
 
-def h2o_chunked(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    layer, scaling = _layer(module), _scaling(query, scaling)
-    if layer.decoding:
-        out, probs = decode_with_scores(query, key, value, scaling)
-        layer.add_step_scores(probs)
-        return out, None
-    out = sdpa_causal(query, key, value, scaling)
-    layer.add_prompt_scores(blockwise_scores(query, key, scaling))
-    return out, None
+# eager: the full attention matrix, as the paper; chunked: SDPA, scores block by block
+h2o_eager = _h2o_attention(eager_with_scores)
+h2o_chunked = _h2o_attention(lambda q, k, v, s: (sdpa_causal(q, k, v, s), blockwise_scores(q, k, s)))
 
 
 def register() -> None:

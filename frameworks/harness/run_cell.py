@@ -25,7 +25,8 @@ from frameworks.harness.spec import CellSpec, SpecError
 from frameworks.harness.worker import now
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a process started with start_new_session=True and everything it started."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen(cmd, start_new_session=True)
 
         def forward(signum, _frame):  # interrupted: stop the cell, write nothing
-            _kill(proc)
+            kill_group(proc)
             sys.exit(128 + signum)
 
         signal.signal(signal.SIGTERM, forward)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rc = proc.wait(timeout=spec.timeout_s)
         except subprocess.TimeoutExpired:
-            _kill(proc)
+            kill_group(proc)
             record = result.build(spec.to_dict(), spec.cell_id, "timeout",
                                   f"cell exceeded its time limit of {spec.timeout_s:g} s",
                                   provenance.collect(spec.seed, with_gpu=False), started, now())

@@ -28,6 +28,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from frameworks.harness.run_cell import kill_group
 from workflow.lib import gpus as gpulib
 
 RUNNERS = ("local", "docker", "apptainer")
@@ -127,14 +128,6 @@ def run(argv: list[str], env: dict[str, str], timeout_s: float, on_stop, pass_fd
         log(f"the cell ran past {timeout_s:g} s (its own limit + {GRACE_S} s of grace): stopped; no result written")
         on_stop(proc)
         return 124
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def docker_remover(name: str):

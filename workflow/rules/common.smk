@@ -1,5 +1,4 @@
 # Config -> cell table, and the input functions every rule uses.
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -76,18 +75,10 @@ def get_cell_gpus(wildcards) -> int:
 
 
 def get_framework_code(wildcards) -> list[str]:
-    # a cell depends on the code that runs it: harness, engine, models, its framework
-    pkgs = ["harness", "models", "hf", wildcards.framework]
-    files = {"frameworks/registry.py", "frameworks/__init__.py"}
-    for pkg in pkgs:
-        files.update(
-            str(p)
-            for p in Path("frameworks", pkg).rglob("*")
-            if p.is_file()
-            and p.suffix in {".py", ".json", ".yaml"}
-            and "__pycache__" not in p.parts
-        )
-    return sorted(files)
+    # a cell depends on the code that runs it: what its framework's image copies (images.COPIES)
+    image = images.image_of(wildcards.framework)
+    base = images.code_files("engine") if image in images.ENGINE_IMAGES else []
+    return sorted({*base, *images.code_files(image)})
 
 
 def get_cell_image(wildcards) -> list[str]:
