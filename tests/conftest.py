@@ -1,7 +1,13 @@
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+# Without a GPU, Triton kernels (frameworks/infinigen/kernels.py) run in Triton's interpreter; the
+# variable is read when a kernel is defined, so it is set before any test module imports one.
+if not Path("/dev/nvidia0").exists() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 

@@ -128,7 +128,7 @@ class InfiniGenCache(Cache):
         end = start + n
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} tokens > preallocated {self.max_len}")
-        self.store.append(i, start, key, value)
+        self.transfer.append(self.store, i, start, key, value)
         if not layer.full:
             self.partial_k[i][:, :, start:end] = torch.matmul(key, self.policy.skews[i].proj)
         layer.length = end
@@ -151,7 +151,8 @@ class InfiniGenCache(Cache):
     def _prefill_kv(self, i: int, start: int, key: torch.Tensor, value: torch.Tensor):
         if start == 0:
             return key, value
-        # a later chunk: the earlier ones come back from the host (same stream as their append)
+        # a later chunk: the earlier ones come back from the host, once their appends are done
+        self.transfer.after_appends(i)
         prev = self.store.prefix(i, start).to(key.device, non_blocking=True)  # [start, B, Hkv, 2, d]
         keys, values = (prev[..., w, :].permute(1, 2, 0, 3) for w in (0, 1))
         return torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2)

@@ -30,6 +30,7 @@ SKEW_TOKENS = 512  # warm-up tokens for the SVD (upstream: 2048 of PG-19; random
 class InfiniGenPolicy(KVPolicy):
     name = "infinigen"
     fetch: bool = True  # False: speculate but move nothing (overlap benchmark baseline)
+    gather: str | None = None  # None: "triton" on CUDA, "index_select" on CPU (transfer.Transfer)
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -72,7 +73,7 @@ class InfiniGenPolicy(KVPolicy):
         self.skews = skew.build(model, self.arch, range(self.full_layers, self.arch.n_layers), tokens, self.ratio)
         for i, layer in enumerate(self.arch.layers):
             layer.register_forward_pre_hook(partial(self._pre_hook, i), with_kwargs=True)
-        self.transfer = Transfer(self.device, fetch=self.fetch)
+        self.transfer = Transfer(self.device, fetch=self.fetch, gather=self.gather)
 
     def _pre_hook(self, i: int, module, args, kwargs):
         cache = kwargs.get("past_key_values")
@@ -103,24 +104,27 @@ class InfiniGenPolicy(KVPolicy):
         sparse_layers = len(self.skews)
         selected = t.selected_tokens()  # rows per (sequence, kv head), summed over speculated fetches
         batch = self._store.batch if self._store else 0
+        full_bytes, gathered = t.moved_bytes()
         return {
             "infinigen": {
                 "alpha": self.alpha, "partial_weight_ratio": self.ratio, "max_num_kv": self.max_num_kv,
                 "kv_budget": self.kv_budget, "full_layers": self.full_layers,
                 "partial_dims": int(next(iter(self.skews.values())).proj.shape[-1]) if self.skews else None,
                 "skew_energy_kept": float(np.mean([v.energy for v in self.skews.values()])) if self.skews else None,
-                "gather": "uva-index_select" if t.cuda else "cpu-index_select",
+                "gather": ("uva-" if t.cuda else "cpu-") + t.gather,
                 "fetch": t.fetch,
             },
             "decode_steps": s["steps"],
+            # tokens: one token of one sequence, all its kv heads (the speculated layers fetch the
+            # same count k for every sequence and head, as upstream)
             "fetched_tokens_per_step": (s["full_tokens"] + selected * batch) / steps,
             "fetched_tokens_per_step_speculated": selected * batch / steps,
             "fetched_tokens_per_seq_layer_speculated": selected / max(s["sparse_fetches"], 1) if self._store else None,
-            # bytes moved: full layers + every gathered row of the speculated ones (the budget,
-            # padding included: the static shape); the selected rows alone are the second figure
-            "fetched_bytes_per_step": s["bytes"] / steps,
-            "selected_bytes_per_step": (s["bytes"] - s["gather_bytes"]
-                                        + (selected * batch * s["row_bytes"] if t.fetch else 0)) / steps,
+            # bytes moved host -> device: full layers + the speculated layers' gathers (index_select
+            # moves the whole budget, padding included; the Triton gather the selected rows only);
+            # the selected rows alone are the second figure
+            "fetched_bytes_per_step": (full_bytes + gathered) / steps,
+            "selected_bytes_per_step": (full_bytes + (selected * batch * s["row_bytes"] if t.fetch else 0)) / steps,
             "h2d_bandwidth_gbps": t.measured_bandwidth_gbps(),
             "gather_bandwidth_gbps": t.measured_bandwidth_gbps(sparse=True),
             "gather_ms_per_step": t.gather_ms() / steps,

@@ -91,13 +91,16 @@ class HostStore:
     def batch(self) -> int:
         return self.shape[2]
 
-    def append(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """key/value [B, Hkv, n, d] (device) -> host tokens start..start+n: one stack kernel (it
-        writes the token-major layout directly) and one copy, async on CUDA (ordered on the
-        current stream; readers wait on an event recorded after it)."""
-        n = key.shape[2]
-        kv = torch.stack((key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3)), dim=3)  # [n, B, Hkv, 2, d]
-        self.kv[layer, start:start + n].copy_(kv, non_blocking=True)
+    @staticmethod
+    def pack(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """key/value [B, Hkv, n, d] -> [n, B, Hkv, 2, d]: the store's token-major layout, one
+        stack kernel on the tensors' device."""
+        return torch.stack((key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3)), dim=3)
+
+    def write(self, layer: int, start: int, kv: torch.Tensor) -> None:
+        """Packed tokens (see pack) -> host tokens start..start+n of a layer: one copy, async on
+        CUDA (ordered on the current stream; Transfer.append runs it on its append stream)."""
+        self.kv[layer, start:start + kv.shape[0]].copy_(kv, non_blocking=True)
 
     def rows(self, layer: int) -> torch.Tensor:
         """[max_len*B*Hkv, 2*d] host view: one row = one token's key and value for one kv head."""

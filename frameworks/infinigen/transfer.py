@@ -1,4 +1,4 @@
-"""Moving selected KV rows host -> device without stalling the compute stream or the host.
+"""Moving KV rows between the host store and the device without stalling the compute stream or the host.
 
 CUDA, per speculated layer j (launched from layer j-1's forward pre-hook, main thread, nothing
 waits on the host):
@@ -6,16 +6,24 @@ waits on the host):
      (stream.wait_event: no device-wide synchronisation), then computes the speculated scores
      and the selection — a fixed number `cap` (the KV budget) of token indices per sequence and
      kv head, of which the first k (a device scalar) count, see select.py;
-  2. still on the side stream, index_select gathers those rows from the host store's device
-     alias (store.device_view: unified virtual addressing, the kernel reads host memory over
-     PCIe, only the selected rows) straight into the layer's device buffer, then an event;
+  2. still on the side stream (after layer j's last append, an event), the gather copies the
+     selected rows from the host store's device alias (store.device_view: unified virtual
+     addressing, the kernel reads host memory over PCIe) straight into the layer's device
+     buffer, then an event. `triton` (default on CUDA, kernels.py): only the first k rows are
+     read, the padding is written as zeros; `index_select`: all `cap` rows, the padding being
+     copies of the top row (the CPU path, and an ablation on CUDA);
   3. layer j's cache update makes the compute stream wait on that event; layer j-1's attention
      and MLP run meanwhile.
 Full layers (the whole prefix, contiguous) are one cudaMemcpyAsync on a second side stream, so a
 next-step prefetch never delays a speculation. Both side streams wait on the same "input ready"
 event before writing a device buffer: that is after the buffer's previous reader (stream order).
+Appends (the new tokens' K/V, device -> host) run on a third stream: the compute stream never
+waits for a device -> host copy, whose latency grows while the gathers keep PCIe busy; every
+reader of a layer's host rows (gather, full copy, a later prefill chunk) waits on that layer's
+append event instead.
 CPU device: the same code without streams, index_select on the host store itself, so every step
-but the zero-copy alias is exercised by the CPU tests.
+but the zero-copy alias is exercised by the CPU tests (the Triton kernel runs there under
+Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from frameworks.infinigen import select
+from frameworks.infinigen import kernels, select
 
 
 @dataclass
@@ -35,7 +43,7 @@ class Fetched:
     values: torch.Tensor
     ready: object  # CUDA event after the copy/gather, or None
     tokens: int  # n: rows per (sequence, kv head) handed to attention (static: cap for a speculated layer)
-    nbytes: int  # bytes moved host -> device
+    nbytes: int | None  # bytes moved host -> device (None: k rows a lane, known on the device only)
     bias: torch.Tensor | None = None  # [n] float32 added to the logits: 0 for the selected rows, -inf for padding
     idx: torch.Tensor | None = None  # [B, Hkv, n] token of each row (padded), speculated layers only
     k: torch.Tensor | None = None  # 0-d device: how many of the n rows are selected
@@ -57,22 +65,33 @@ def gather(src_rows: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> tor
 class Transfer:
     """One per policy: the side streams and the measurements."""
 
-    def __init__(self, device: torch.device, fetch: bool = True, timed: bool = True):
+    GATHERS = ("triton", "index_select")
+
+    def __init__(self, device: torch.device, fetch: bool = True, timed: bool = True, gather: str | None = None):
         self.device = device
         self.cuda = device.type == "cuda"
         self.fetch = fetch  # False: select but move nothing (the overlap benchmark's baseline)
         self.timed = timed and self.cuda  # CUDA timing events around each transfer (device time)
+        if gather is None:
+            gather = "triton" if self.cuda and kernels.available() else "index_select"
+        if gather not in self.GATHERS:
+            raise ValueError(f"unknown gather {gather!r}: one of {', '.join(self.GATHERS)}")
+        if gather == "triton" and not kernels.available():
+            raise RuntimeError("gather='triton' needs the triton package (CUDA builds of torch bring it)")
+        self.gather = gather
         self.spec_stream = torch.cuda.Stream(device) if self.cuda else None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.append_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.appended: dict[int, object] = {}  # layer -> CUDA event after its last append
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
         self._ninf = torch.full((), float("-inf"), dtype=torch.float32, device=device)
         self.reset_stats()
 
     def reset_stats(self) -> None:
         self.stats = {"full_tokens": 0, "bytes": 0, "gather_bytes": 0, "gather_s": 0.0, "sparse_fetches": 0,
-                      "steps": 0, "row_bytes": 0}
+                      "steps": 0, "row_bytes": 0, "batch": 0}
         self._k_sum = torch.zeros((), dtype=torch.long, device=self.device)  # selected rows per (seq, head), summed
-        self._timed: list[tuple[object, object, int, bool]] = []
+        self._timed: list[tuple[object, object, object, bool]] = []  # start, end, bytes, speculated layer
 
     # -- stream helpers -----------------------------------------------------------------
     def follow_compute(self, *tensors: torch.Tensor):
@@ -87,6 +106,29 @@ class Transfer:
         for t in tensors:
             t.record_stream(self.spec_stream)
         return ready
+
+    def append(self, store, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """New tokens' K/V [B, Hkv, n, d] (device) -> host store tokens start..start+n. CUDA: packed
+        on the compute stream, copied on the append stream; readers wait on `appended[layer]`."""
+        kv = store.pack(key, value)
+        if not self.cuda:
+            store.write(layer, start, kv)
+            return
+        ready = torch.cuda.Event()
+        ready.record()
+        self.append_stream.wait_event(ready)
+        kv.record_stream(self.append_stream)
+        with torch.cuda.stream(self.append_stream):
+            store.write(layer, start, kv)
+            done = torch.cuda.Event()
+            done.record()
+        self.appended[layer] = done
+
+    def after_appends(self, layer: int, stream=None) -> None:
+        """Make `stream` (default: the current one) wait until the layer's host rows are written."""
+        done = self.appended.get(layer) if self.cuda else None
+        if done is not None:
+            (stream or torch.cuda.current_stream()).wait_event(done)
 
     def _events(self):
         if not self.timed:
@@ -107,6 +149,7 @@ class Transfer:
             end = end if end is not None else torch.cuda.Event()
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(after)
+                self.after_appends(layer)
                 if self.fetch:
                     nbytes = src.numel() * src.element_size()
                     if start is not None:
@@ -131,31 +174,38 @@ class Transfer:
             cap = idx.shape[-1]
             if keep_pos is None:
                 keep_pos = torch.arange(cap, device=idx.device)
-            idx, keep = select.pad(idx, k, keep_pos)
+            keep = keep_pos[:cap] < k
             bias = torch.where(keep, self._zero, self._ninf, out=slot.bias[:cap])
             self._k_sum.add_(k)  # every launched speculation is used in the same step
             n = b * hkv * cap
             dst = slot.dev[:n]  # [n, 2d] contiguous: key | value of each (sequence, head, position)
             ready, nbytes = None, 0
             if self.fetch:
-                rows = select.flat_rows(idx, b, hkv, lane)
+                self.after_appends(layer)
                 start, end = self._events()
                 t0 = time.perf_counter()
                 if start is not None:
                     start.record()
-                gather(store.gather_source(layer), rows, dst)
-                nbytes = dst.numel() * dst.element_size()
+                if self.gather == "triton":  # the first k rows of each lane; padding -> zeros
+                    kernels.gather_selected(store.gather_source(layer), idx, k, dst)
+                    nbytes = None  # k rows a lane: known on the device only (_k_sum)
+                    timed_bytes = (k, b * hkv * 2 * d * dst.element_size())
+                else:  # all cap rows; padding -> copies of the top row
+                    idx = torch.where(keep, idx, idx[..., :1])
+                    gather(store.gather_source(layer), select.flat_rows(idx, b, hkv, lane), dst)
+                    nbytes = timed_bytes = dst.numel() * dst.element_size()
                 if self.cuda:
                     ready = end if end is not None else torch.cuda.Event()
                     ready.record()
                     if start is not None:
-                        self._timed.append((start, end, nbytes, True))
+                        self._timed.append((start, end, timed_bytes, True))
                 else:
                     self.stats["gather_s"] += time.perf_counter() - t0
             elif self.cuda:
                 ready = torch.cuda.Event()
                 ready.record()
-        self.stats["row_bytes"] = 2 * d * dst.element_size()
+        self.stats["row_bytes"] = hkv * 2 * d * dst.element_size()  # one token of a sequence: all kv heads
+        self.stats["batch"] = b
         kv = dst.view(b, hkv, cap, 2, d)
         return Fetched(kv[..., 0, :], kv[..., 1, :], ready, cap, nbytes, bias, idx, k)
 
@@ -165,10 +215,19 @@ class Transfer:
         not). Host integers only; the selected count k stays on the device (_k_sum)."""
         if full:
             self.stats["full_tokens"] += fetched.tokens * batch
+            self.stats["bytes"] += fetched.nbytes
         else:
             self.stats["sparse_fetches"] += 1
-            self.stats["gather_bytes"] += fetched.nbytes
-        self.stats["bytes"] += fetched.nbytes
+            if fetched.nbytes is not None:
+                self.stats["gather_bytes"] += fetched.nbytes
+
+    def moved_bytes(self) -> tuple[int, int]:
+        """(full layers' bytes, speculated layers' gathered bytes) host -> device, for metrics
+        after the run: the Triton gather's share is the device's count of selected rows."""
+        gathered = self.stats["gather_bytes"]
+        if self.fetch and self.gather == "triton":
+            gathered = self.selected_tokens() * self.stats["batch"] * self.stats["row_bytes"]
+        return self.stats["bytes"], gathered
 
     def selected_tokens(self) -> int:
         """Selected rows per (sequence, kv head) summed over speculated fetches (reads the device:
@@ -183,7 +242,11 @@ class Transfer:
             return None, 0.0
         timed[-1][1].synchronize()
         ms = sum(s.elapsed_time(e) for s, e, _, _ in timed)
-        moved = sum(n for _, _, n, _ in timed)
+        moved = sum(n for _, _, n, _ in timed if isinstance(n, int))
+        counted = [n for _, _, n, _ in timed if not isinstance(n, int)]  # (k on the device, bytes per k)
+        if counted:
+            ks = torch.stack([k for k, _ in counted]).tolist()
+            moved += sum(k * f for k, (_, f) in zip(ks, counted))
         return (moved / (ms * 1e-3) / 1e9 if ms > 0 else None), ms
 
     def measured_bandwidth_gbps(self, sparse: bool | None = None) -> float | None:

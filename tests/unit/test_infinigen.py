@@ -18,13 +18,20 @@ from frameworks.harness.result import Unsupported
 from frameworks.harness.spec import CellSpec
 from frameworks.hf.engine import Engine
 from frameworks.hf.policy import KVPolicy
-from frameworks.infinigen import select, skew, transfer
+from frameworks.infinigen import kernels, select, skew, transfer
 from frameworks.infinigen.arch import Arch
 from frameworks.infinigen.policy import InfiniGenPolicy
 from frameworks.infinigen.transfer import Transfer
 
 LLAMA, OPT = "tiny-llama-3.1", "tiny-opt"
 ATOL = 1e-4
+needs_triton = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+
+
+class TritonGatherPolicy(InfiniGenPolicy):
+    """The CUDA default gather (kernels.gather_selected), here under Triton's interpreter."""
+
+    gather = "triton"
 
 
 def _spec(model, framework="infinigen", prefill="sdpa", kv_budget=1.0, **policy):
@@ -159,11 +166,13 @@ def test_rope_folded_partial_query_equals_rope_then_projection():
     (OPT, "eager", 1.0, {}), (OPT, "chunked", 1.0, {}),
     (LLAMA, "sdpa", 0.1, {"max_num_kv": 10_000}),  # a token cap above the sequence length
     (OPT, "sdpa", 0.1, {"max_num_kv": 10_000, "partial_weight_ratio": 0.5}),
+    pytest.param(LLAMA, "chunked", 1.0, {"gather": "triton"}, marks=needs_triton),
+    pytest.param(OPT, "sdpa", 1.0, {"gather": "triton"}, marks=needs_triton),
 ])
 def test_budget_covering_the_sequence_and_alpha_inf_equal_full_cache(name, prefill, budget, policy):
     ref, ref_tokens, _ = _generate(_spec(name, "hf", prefill), KVPolicy)
-    got, tokens, policy = _generate(_spec(name, prefill=prefill, kv_budget=budget, alpha=math.inf, **policy),
-                                    InfiniGenPolicy)
+    cls = TritonGatherPolicy if policy.pop("gather", None) else InfiniGenPolicy
+    got, tokens, policy = _generate(_spec(name, prefill=prefill, kv_budget=budget, alpha=math.inf, **policy), cls)
     assert (got - ref).abs().max() < ATOL
     assert torch.equal(tokens, ref_tokens)
     m = policy.metrics()
@@ -217,12 +226,15 @@ def test_selection_matches_naive_reference(alpha, cap):
         assert set(idx[bi, h, : int(k)].tolist()) == want
 
 
-@pytest.mark.parametrize("name", [LLAMA, OPT])
-def test_engine_selection_and_fetched_rows(name, monkeypatch):
+@pytest.mark.parametrize("name,policy_cls", [(LLAMA, InfiniGenPolicy), (OPT, InfiniGenPolicy),
+                                             pytest.param(LLAMA, TritonGatherPolicy, marks=needs_triton)])
+def test_engine_selection_and_fetched_rows(name, policy_cls, monkeypatch):
     """In a real decode: the selection of layer j equals the naive reference computed from layer
     j-1's input, and the rows that reach attention equal the host store's rows (the first k the
-    selected tokens, the rest padding: copies of the top token, masked by a -inf bias)."""
-    eng, policy, model = _engine(_spec(name, kv_budget=0.3, alpha=3.0), InfiniGenPolicy)
+    selected tokens, the rest padding masked by a -inf bias: copies of the top token with
+    index_select, zeros with the Triton gather, which reads only the k selected rows)."""
+    # the tiny random model's logits lie within ~0.1 of each other: a small alpha makes k < cap
+    eng, policy, model = _engine(_spec(name, kv_budget=0.9, alpha=0.01), policy_cls)
     arch, j = policy.arch, 1
     records = []
     orig_launch = Transfer.launch_sparse
@@ -268,18 +280,27 @@ def test_engine_selection_and_fetched_rows(name, monkeypatch):
                 pq = q[bi, hq, 0] @ proj[kv]
                 pk = keys_post[:, bi, kv] @ proj[kv]
                 logits[bi, kv, hq % arch.groups] = (pk @ pq) * arch.logit_scale(j)
-    k_ref, chosen = _naive_select(logits, 3.0, cap)
+    k_ref, chosen = _naive_select(logits, 0.01, cap)
     assert k == k_ref
+    triton = policy.transfer.gather == "triton"
+    assert k < cap  # the padding is exercised
     for (bi, h_), want in chosen.items():
         assert set(idx[bi, h_, :k].tolist()) == want
-        assert (idx[bi, h_, k:] == idx[bi, h_, 0]).all()  # padding: a valid row
+        if not triton:
+            assert (idx[bi, h_, k:] == idx[bi, h_, 0]).all()  # padding: a valid row
     assert torch.equal(bias, torch.tensor([0.0] * k + [-math.inf] * (cap - k)))
     # fetched rows == host rows
     for bi in range(b):
         for h_ in range(arch.n_kv_heads):
-            rows = idx[bi, h_]
-            assert torch.equal(keys[bi, h_], cache.store.kv[j, rows, bi, h_, 0])
-            assert torch.equal(values[bi, h_], cache.store.kv[j, rows, bi, h_, 1])
+            rows = idx[bi, h_, :k] if triton else idx[bi, h_]
+            n = rows.shape[0]
+            assert torch.equal(keys[bi, h_, :n], cache.store.kv[j, rows, bi, h_, 0])
+            assert torch.equal(values[bi, h_, :n], cache.store.kv[j, rows, bi, h_, 1])
+            if triton:
+                assert not keys[bi, h_, k:].any() and not values[bi, h_, k:].any()
+    if triton:  # bytes moved: the selected rows only
+        m = policy.metrics()
+        assert m["fetched_bytes_per_step"] == pytest.approx(m["selected_bytes_per_step"])
 
 
 def test_gather_copies_the_selected_rows_and_pads_statically():
@@ -304,6 +325,32 @@ def test_gather_copies_the_selected_rows_and_pads_statically():
                 assert torch.equal(kv[bi, h], want)
                 assert torch.equal(kv[bi, h, :k], store[idx[bi, h, :k], bi, h])
                 assert torch.equal(kv[bi, h, k:], store[idx[bi, h, :1], bi, h].expand(cap - k, 2, d))
+
+
+@needs_triton
+@pytest.mark.parametrize("w", [256, 24])
+def test_triton_gather_reads_the_first_k_rows_of_each_lane(w):
+    """kernels.gather_selected against an indexing reference: row t < k of lane l is store row
+    idx[l, t] * lanes + l, rows k..cap-1 are zeros, nothing past lanes * cap is written."""
+    g = torch.Generator().manual_seed(11)
+    length, b, hkv, cap = 40, 2, 3, 9
+    lanes = b * hkv
+    src = torch.randn(length * lanes, w, generator=g).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(length, generator=g)[:cap] for _ in range(lanes)]).view(b, hkv, cap)
+    lane = torch.arange(lanes).view(b, hkv, 1)
+    for k in (1, 5, cap):
+        out = torch.full((lanes * cap + 3, w), math.nan, dtype=torch.bfloat16)
+        got = kernels.gather_selected(src, idx, torch.tensor(k), out)
+        assert got.data_ptr() == out.data_ptr()
+        want = src[(idx * lanes + lane).reshape(-1)].view(lanes, cap, w).clone()
+        want[:, k:] = 0
+        assert torch.equal(out[: lanes * cap].view(lanes, cap, w), want)
+        assert out[lanes * cap:].isnan().all()
+
+
+def test_unknown_gather_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown gather 'memcpy'"):
+        Transfer(torch.device("cpu"), gather="memcpy")
 
 
 def test_selection_shapes_do_not_depend_on_the_data():

@@ -1,0 +1,74 @@
+"""The speculated layers' gather as one Triton kernel: only the k selected rows cross PCIe.
+
+The store's device alias (store.device_view, unified virtual addressing) is the kernel's
+source: each program copies a block of rows of one (sequence, kv head) lane straight from page-
+locked host memory into the layer's device buffer with 16-byte loads. The selection has a fixed
+number `cap` of rows per lane (static shapes, select.py) of which the first k (a device scalar)
+count: rows >= k are masked, so they issue no PCIe read and are written as zeros (their
+attention weight is exactly 0 through the -inf bias). A gather with index_select instead reads
+all `cap` rows, padding included: with real weights the alpha rule selects far fewer tokens
+than the budget, so this moves far fewer bytes.
+
+The row of (sequence b, kv head g, position t) in the token-major store viewed as
+[max_len * lanes, W] is idx * lanes + lane (select.flat_rows), computed in the kernel.
+
+Runs on CUDA, and on the CPU under Triton's interpreter (TRITON_INTERPRET=1, set before triton
+is imported) for the tests. `available()` says whether Triton can be imported at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton: the gather falls back to index_select
+    triton = None
+
+BLOCK_ROWS = 16
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_selected(src, idx, count, out, cap, lanes, W: tl.constexpr, BLOCK_W: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+        lane = tl.program_id(0)
+        pos = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        k = tl.load(count)
+        in_cap = pos < cap
+        sel = pos < k
+        tok = tl.load(idx + lane * cap + pos, mask=sel, other=0).to(tl.int64)
+        row = tok * lanes + lane
+        cols = tl.arange(0, BLOCK_W)
+        col_ok = cols < W
+        vals = tl.load(src + row[:, None] * W + cols[None, :], mask=sel[:, None] & col_ok[None, :], other=0)
+        dst = (lane * cap + pos).to(tl.int64)
+        tl.store(out + dst[:, None] * W + cols[None, :], vals, mask=in_cap[:, None] & col_ok[None, :])
+
+
+def gather_selected(src_rows: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[l * cap + t] = src_rows[idx[l, t] * lanes + l] for t < k, zeros for k <= t < cap.
+
+    src_rows [max_len * lanes, W]: the store's rows (device alias on CUDA); idx [B, Hkv, cap]
+    (or [lanes, cap]) token positions, contiguous; k: 0-d integer tensor on idx's device
+    (1 <= k <= cap, as select.select returns it); out: contiguous, at least lanes * cap rows of W.
+    Nothing is read back on the host."""
+    if triton is None:
+        raise RuntimeError("the Triton gather needs the `triton` package (it comes with CUDA builds of torch)")
+    cap = idx.shape[-1]
+    lanes = idx.numel() // cap
+    w = src_rows.shape[-1]
+    if src_rows.dim() != 2 or out.shape[-1] != w or out.shape[0] < lanes * cap:
+        raise ValueError(f"gather_selected: src {tuple(src_rows.shape)}, out {tuple(out.shape)}, idx {tuple(idx.shape)}")
+    if not (idx.is_contiguous() and out.is_contiguous() and src_rows.is_contiguous()):
+        raise ValueError("gather_selected needs contiguous tensors")
+    grid = (lanes, triton.cdiv(cap, BLOCK_ROWS))
+    _gather_selected[grid](src_rows, idx, k, out, cap, lanes, W=w, BLOCK_W=triton.next_power_of_2(w),
+                           BLOCK_R=BLOCK_ROWS, num_warps=4)
+    return out
