@@ -11,9 +11,12 @@ metric definitions match the pipeline; an OOM is recorded as a cell with status 
   checks   tiny model: full budget + alpha=inf equals the hf full cache (fp32 logits, tokens),
            and decode steps under torch.cuda.set_sync_debug_mode("warn"): host syncs by file
   batch    (a) prompt 2048, 128 generated, kv_budget 0.2, batch 1..32: infinigen vs hf full cache
-  overlap  (b) decode step with fetch (UVA gather on the side stream) vs without (the same
-           policy, nothing moved) and vs the copy-bound time fetched_bytes / bandwidth:
-           pass if step <= 1.2 x max(no-fetch, copy)
+  overlap  (b) decode step with fetch (the Triton UVA gather on the side stream) vs without (the
+           same model and policy, nothing moved) and vs the copy-bound time fetched_bytes /
+           bandwidth: pass if step <= 1.2 x max(no-fetch, copy). The variants alternate over
+           rounds on one model (gpu_infinigen_ablation.interleaved): the step is host-bound and
+           the host's speed drifts, so separate back-to-back cells compared spells of the host.
+           index_select (every row of the budget, padding included) is timed alongside.
   prompt   (c) batch 1, growing prompts: `eager` until its first OOM, `flash` up to 128K
 Writes DIR/cells/*.json (cell results), DIR/pcie.json, DIR/summary.json (+ provenance) and
 prints a summary table last. A time guard skips (and records) what would not fit the budget.
@@ -32,6 +35,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -43,23 +47,18 @@ from frameworks.hf.policy import KVPolicy  # noqa: E402
 from frameworks.hf.runner import run_engine_cell  # noqa: E402
 from frameworks.infinigen.policy import InfiniGenPolicy  # noqa: E402
 from frameworks.infinigen.store import device_view  # noqa: E402
+from gpu_infinigen_ablation import interleaved  # noqa: E402
 
 
-class NoFetchPolicy(InfiniGenPolicy):
-    """Speculates and selects as usual but moves no KV: the overlap baseline (output is junk)."""
-
-    fetch = False
-
-
-POLICIES = {"infinigen": InfiniGenPolicy, "hf": KVPolicy, "infinigen-nofetch": NoFetchPolicy}
+POLICIES = {"infinigen": InfiniGenPolicy, "hf": KVPolicy}
 
 
 def plan(tiny: bool) -> dict:
     if tiny:
         return dict(model="tiny-llama-3.1", device="cpu", dtype="float32", prompt=256, gen=16, batches=[1, 4],
-                    overlap_batches=[1], overlap_gen=8, eager=[256, 512], flash=[512, 2048], sweep_gen=4)
+                    overlap_batches=[1], overlap_gen=8, overlap_rounds=2, eager=[256, 512], flash=[512, 2048], sweep_gen=4)
     return dict(model="llama-3.1-8b", device="cuda", dtype="bfloat16", prompt=2048, gen=128, batches=[1, 4, 8, 16, 32],
-                overlap_batches=[1, 8], overlap_gen=64, eager=[4096, 8192, 12288, 16384, 24576, 32768],
+                overlap_batches=[1, 8, 32], overlap_gen=32, overlap_rounds=4, eager=[4096, 8192, 12288, 16384, 24576, 32768],
                 flash=[16384, 32768, 65536, 131072 - 8], sweep_gen=8)
 
 
@@ -254,19 +253,72 @@ def checks(cuda: bool) -> dict:
     return out
 
 
-def overlap_verdicts(rows: list[dict], bw_gbps: float | None) -> list[dict]:
-    by = {(r["policy"], r["batch"]): r for r in rows if r["section"] == "overlap" and r["status"] == "ok"}
+OVERLAP_VARIANTS = [("infinigen", "triton", "side"), ("infinigen-nofetch", "none", "side"),
+                    ("infinigen-index_select", "index_select", "side")]
+
+
+def overlap(p: dict, bench: Bench) -> list[dict]:
+    """(b): one model, the variants alternating over rounds per batch size; rows in the summary's
+    row format (section "overlap") plus the per-variant details (rounds, percentiles)."""
+    from frameworks.hf.engine import Engine
+
+    import numpy as np
+
+    spec = CellSpec(experiment="gpu-overlap", framework="infinigen", model=p["model"], device=p["device"],
+                    dtype=p["dtype"], prefill="flash" if p["device"] == "cuda" else "sdpa",
+                    batch_size=max(p["overlap_batches"]), prompt_len=p["prompt"], gen_len=p["overlap_gen"], kv_budget=0.2)
+    est = 20 + sum(p["overlap_rounds"] * len(OVERLAP_VARIANTS) * (2 + 0.3 * b) for b in p["overlap_batches"])
+    if est > bench.left():
+        bench.rows.append({"section": "overlap", "name": "all", "status": "skipped",
+                           "message": f"time guard: needs ~{est:.0f} s, {bench.left():.0f} s left"})
+        return []
+    torch.manual_seed(spec.seed)
+    policy = InfiniGenPolicy(spec)
+    model = models.build(spec.model, "random", spec.device, spec.dtype, policy.attn_implementation(spec.prefill), spec.seed)
+    policy.prepare(model)
+    eng = Engine(model, policy, spec.device, spec.prefill, spec.chunk_size)
+    variants = OVERLAP_VARIANTS if p["device"] == "cuda" else [("infinigen", "index_select", "side"),
+                                                                  ("infinigen-nofetch", "none", "side")]
+    details = []
+    for b in p["overlap_batches"]:
+        prompts = np.random.default_rng(b).integers(0, model.config.vocab_size, (b, p["prompt"]))
+        for d in interleaved(eng, policy, prompts, variants, p["overlap_gen"], p["overlap_rounds"]):
+            details.append(d)
+            bench.rows.append({"section": "overlap", "name": f"{d['variant']}_bs{b}", "policy": d["variant"], "batch": b,
+                               "prompt": p["prompt"], "gen": p["overlap_gen"], "prefill": spec.prefill, "kv_budget": 0.2,
+                               "status": "ok", "message": "", "tpot_ms": d["step_ms"],
+                               "out_tok_s": b * 1e3 / d["step_ms"],
+                               "fetched_bytes_per_step": d["fetched_bytes_per_step"],
+                               "fetched_tokens_per_seq_layer": d["fetched_tokens_per_seq_layer"],
+                               "gather_ms_per_step": d["gather_ms_per_step"], "gather_gbps": d["gather_gbps"],
+                               "h2d_gbps": d["gather_gbps"]})
+            print(f"[{time.perf_counter() - bench.t0:6.0f}s] overlap/{d['variant']}_bs{b}: {d['step_ms']:.2f} ms", flush=True)
+    del eng, model, policy
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return details
+
+
+def overlap_verdicts(details: list[dict], bw_gbps: float | None) -> list[dict]:
+    by = {(d["variant"], d["batch"]): d for d in details}
     verdicts = []
-    for (pol, b), r in by.items():
-        if pol != "infinigen" or ("infinigen-nofetch", b) not in by:
+    for (name, b), d in by.items():
+        if name != "infinigen" or ("infinigen-nofetch", b) not in by:
             continue
-        base = by[("infinigen-nofetch", b)]["tpot_ms"]
-        copy_ms = r["fetched_bytes_per_step"] / (bw_gbps * 1e9) * 1e3 if bw_gbps and r["fetched_bytes_per_step"] else 0.0
-        bound = max(base, copy_ms)
-        verdicts.append({"batch": b, "step_ms": r["tpot_ms"], "no_fetch_step_ms": base, "copy_bound_ms": copy_ms,
-                         "ratio": r["tpot_ms"] / bound, "pass": r["tpot_ms"] <= 1.2 * bound,
-                         "gather": "uva-index_select on the side stream", "bandwidth_gbps_used": bw_gbps,
-                         "gather_gbps_in_run": r.get("gather_gbps")})
+        base = by[("infinigen-nofetch", b)]
+        copy_ms = d["fetched_bytes_per_step"] / (bw_gbps * 1e9) * 1e3 if bw_gbps and d["fetched_bytes_per_step"] else 0.0
+        bound = max(base["step_ms"], copy_ms)
+        alt = by.get(("infinigen-index_select", b))
+        verdicts.append({"batch": b, "step_ms": d["step_ms"], "no_fetch_step_ms": base["step_ms"], "copy_bound_ms": copy_ms,
+                         "ratio": d["step_ms"] / bound, "pass": d["step_ms"] <= 1.2 * bound,
+                         "round_medians_ms": d["round_median_ms"], "no_fetch_round_medians_ms": base["round_median_ms"],
+                         "host_ms": d["host_ms"], "device_wait_ms": d["device_wait_ms"],
+                         "gather": "triton (selected rows) on the side stream, appends on their own stream",
+                         "bandwidth_gbps_used": bw_gbps, "gather_gbps_in_run": d["gather_gbps"],
+                         "gather_ms_per_step": d["gather_ms_per_step"], "fetched_bytes_per_step": d["fetched_bytes_per_step"],
+                         "logits_equal_index_select": alt.get("max_abs_logit_diff") if alt else None,
+                         "index_select_step_ms": alt["step_ms"] if alt else None})
     return verdicts
 
 
@@ -286,7 +338,8 @@ def table(rows: list[dict], verdicts: list[dict]) -> str:
     for v in verdicts:
         lines.append(f"overlap bs={v['batch']}: step {v['step_ms']:.2f} ms vs 1.2 x max(no-fetch {v['no_fetch_step_ms']:.2f}, "
                      f"copy {v['copy_bound_ms']:.2f}) -> {'PASS' if v['pass'] else 'FAIL'} (ratio {v['ratio']:.2f}; "
-                     f"gather {f(v['gather_gbps_in_run'], '.1f')} GB/s in the run)")
+                     f"gather {f(v['gather_ms_per_step'], '.2f')} ms/step at {f(v['gather_gbps_in_run'], '.1f')} GB/s; "
+                     f"rounds {['%.1f' % x for x in v['round_medians_ms']]} vs {['%.1f' % x for x in v['no_fetch_round_medians_ms']]})")
     return "\n".join(lines)
 
 
@@ -317,10 +370,7 @@ def main(argv=None) -> int:
                        batch_size=b, prompt_len=p["prompt"], gen_len=p["gen"], prefill="flash",
                        kv_budget=0.2 if fw == "infinigen" else 1.0)
     # (b) overlap
-    for b in p["overlap_batches"]:
-        for fw in ("infinigen", "infinigen-nofetch"):
-            bench.cell("overlap", f"{fw}_bs{b}", fw, est_s=8 + 0.6 * b, batch_size=b, prompt_len=p["prompt"],
-                       gen_len=p["overlap_gen"], prefill="flash", kv_budget=0.2)
+    details = overlap(p, bench)
     # (c) prompt sweep at batch 1: eager until the first OOM, then flash to 128K
     oom = None
     for n in p["eager"]:
@@ -336,8 +386,9 @@ def main(argv=None) -> int:
         bench.cell("prompt", f"flash_{n}", "infinigen", est_s=10 + n / 3000, batch_size=1, prompt_len=n,
                    gen_len=p["sweep_gen"], prefill="flash", kv_budget=0.2, warmup=0)
 
-    verdicts = overlap_verdicts(bench.rows, bw.get("h2d_gbps"))
-    summary = {"plan": p, "pcie": bw, "checks": chk, "rows": bench.rows, "overlap": verdicts, "provenance": bench.prov,
+    verdicts = overlap_verdicts(details, bw.get("h2d_gbps"))
+    summary = {"plan": p, "pcie": bw, "checks": chk, "rows": bench.rows, "overlap": verdicts, "overlap_details": details,
+               "provenance": bench.prov,
                "elapsed_s": time.perf_counter() - bench.t0, "time_budget_s": bench.budget_s}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(table(bench.rows, verdicts))
