@@ -17,10 +17,10 @@ waits on the host):
 Full layers (the whole prefix, contiguous) are one cudaMemcpyAsync on a second side stream, so a
 next-step prefetch never delays a speculation. Both side streams wait on the same "input ready"
 event before writing a device buffer: that is after the buffer's previous reader (stream order).
-Appends (the new tokens' K/V, device -> host) run on a third stream: the compute stream never
-waits for a device -> host copy, whose latency grows while the gathers keep PCIe busy; every
-reader of a layer's host rows (gather, full copy, a later prefill chunk) waits on that layer's
-append event instead.
+Decode appends (the new token's K/V, device -> host) run on a third stream: the compute stream
+never waits for a device -> host copy, whose latency grows while the gathers keep PCIe busy;
+every reader of a layer's host rows (gather, full copy) waits on that layer's append event
+instead. Prefill appends stay on the compute stream (see append).
 CPU device: the same code without streams, index_select on the host store itself, so every step
 but the zero-copy alias is exercised by the CPU tests (the Triton kernel runs there under
 Triton's interpreter).
@@ -111,8 +111,14 @@ class Transfer:
         """New tokens' K/V [B, Hkv, n, d] (device) -> host store tokens start..start+n. CUDA: packed
         on the compute stream, copied on the append stream; readers wait on `appended[layer]`."""
         kv = store.pack(key, value)
-        if not self.cuda:
+        if not self.cuda or kv.shape[0] > 1:
+            # prefill stays on the compute stream: a packed chunk of many MB handed to another
+            # stream (record_stream) cannot be reused until that stream's copy is done, and the
+            # caching allocator then splits the large free blocks that eager prefill needs next
+            # (seen on the H100: eager OOM at 12288 instead of 16384 tokens, 18 GiB reserved but
+            # unallocated). Readers on other streams wait on a later compute-stream event anyway.
             store.write(layer, start, kv)
+            self.appended.pop(layer, None)
             return
         ready = torch.cuda.Event()
         ready.record()
