@@ -16,7 +16,8 @@ metric definitions match the pipeline; an OOM is recorded as a cell with status 
            bandwidth: pass if step <= 1.2 x max(no-fetch, copy). The variants alternate over
            rounds on one model (gpu_infinigen_ablation.interleaved): the step is host-bound and
            the host's speed drifts, so separate back-to-back cells compared spells of the host.
-           index_select (every row of the budget, padding included) is timed alongside.
+           Timed alongside: index_select (every row of the budget, padding included) and the
+           Triton gather with a program per block of rows instead of a small persistent grid.
   prompt   (c) batch 1, growing prompts: `eager` until its first OOM, `flash` up to 128K
 Writes DIR/cells/*.json (cell results), DIR/pcie.json, DIR/summary.json (+ provenance) and
 prints a summary table last. A time guard skips (and records) what would not fit the budget.
@@ -254,7 +255,7 @@ def checks(cuda: bool) -> dict:
 
 
 OVERLAP_VARIANTS = [("infinigen", "triton", "side"), ("infinigen-nofetch", "none", "side"),
-                    ("infinigen-index_select", "index_select", "side")]
+                    ("infinigen-index_select", "index_select", "side"), ("infinigen-triton-grid", "triton-grid", "side")]
 
 
 def overlap(p: dict, bench: Bench) -> list[dict]:
@@ -314,7 +315,7 @@ def overlap_verdicts(details: list[dict], bw_gbps: float | None) -> list[dict]:
                          "ratio": d["step_ms"] / bound, "pass": d["step_ms"] <= 1.2 * bound,
                          "round_medians_ms": d["round_median_ms"], "no_fetch_round_medians_ms": base["round_median_ms"],
                          "host_ms": d["host_ms"], "device_wait_ms": d["device_wait_ms"],
-                         "gather": "triton (selected rows) on the side stream, appends on their own stream",
+                         "gather": "triton (selected rows, persistent grid) on the side stream, decode appends on their own stream",
                          "bandwidth_gbps_used": bw_gbps, "gather_gbps_in_run": d["gather_gbps"],
                          "gather_ms_per_step": d["gather_ms_per_step"], "fetched_bytes_per_step": d["fetched_bytes_per_step"],
                          "logits_equal_index_select": alt.get("max_abs_logit_diff") if alt else None,

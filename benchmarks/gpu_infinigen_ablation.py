@@ -39,6 +39,7 @@ from frameworks import models  # noqa: E402
 from frameworks.harness import provenance  # noqa: E402
 from frameworks.harness.spec import CellSpec  # noqa: E402
 from frameworks.hf.engine import Engine  # noqa: E402
+from frameworks.infinigen import kernels  # noqa: E402
 from frameworks.infinigen.policy import InfiniGenPolicy  # noqa: E402
 
 VARIANTS = [  # name, gather, append
@@ -47,7 +48,8 @@ VARIANTS = [  # name, gather, append
     ("index_select/compute", "index_select", "compute"),  # the design measured on 2026-11-28 (1.49x at bs8)
     ("index_select/side", "index_select", "side"),
     ("triton/compute", "triton", "compute"),
-    ("triton/side", "triton", "side"),  # the new default
+    ("triton/side", "triton", "side"),  # the new default: a persistent grid of kernels.PROGRAMS
+    ("triton-grid/side", "triton-grid", "side"),  # a program per block of rows
 ]
 
 
@@ -55,7 +57,8 @@ def configure(policy, gather: str, append: str) -> None:
     t = policy.transfer
     t.fetch = gather != "none"
     if t.fetch:
-        t.gather = gather
+        t.gather = "triton" if gather.startswith("triton") else gather
+        t.gather_programs = None if gather == "triton-grid" else kernels.PROGRAMS
     if append == "side":
         t.__dict__.pop("append", None)
     else:  # the first design: pack and copy on the current (compute) stream
@@ -201,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default=None, help="comma-separated (default 8,32 GPU; 2 tiny)")
     ap.add_argument("--prompt", type=int, default=None)
     ap.add_argument("--gen", type=int, default=None)
+    ap.add_argument("--variants", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of all variants (default 3)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
@@ -220,7 +224,8 @@ def main(argv=None) -> int:
     model = models.build(model_name, "random", device, dtype, policy.attn_implementation(spec.prefill), 0)
     policy.prepare(model)
     eng = Engine(model, policy, device, spec.prefill, spec.chunk_size)
-    variants = [v for v in VARIANTS if cuda or v[1] != "triton" or _triton_ok()]
+    variants = [v for v in VARIANTS if (cuda or not v[1].startswith("triton") or _triton_ok())
+                and (args.variants is None or v[0] in args.variants.split(","))]
     rows = []
     for b in batches:
         prompts = np.random.default_rng(b).integers(0, model.config.vocab_size, (b, prompt))

@@ -33,32 +33,42 @@ def available() -> bool:
     return triton is not None
 
 
+PROGRAMS = 64  # the smallest grid (when there are that many blocks): 64 x 8 KB in flight for PCIe
+ITERS = 32  # blocks per program: the grid grows past PROGRAMS only for gathers of > 2048 blocks
+
+
 if triton is not None:
 
     @triton.jit
-    def _gather_selected(src, idx, count, out, cap, lanes, W: tl.constexpr, BLOCK_W: tl.constexpr,
-                         BLOCK_R: tl.constexpr):
-        lane = tl.program_id(0)
-        pos = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    def _gather_selected(src, idx, count, out, cap, lanes, n_blocks, blocks_per_lane, n_programs,
+                         ITERS: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
         k = tl.load(count)
-        in_cap = pos < cap
-        sel = pos < k
-        tok = tl.load(idx + lane * cap + pos, mask=sel, other=0).to(tl.int64)
-        row = tok * lanes + lane
         cols = tl.arange(0, BLOCK_W)
         col_ok = cols < W
-        vals = tl.load(src + row[:, None] * W + cols[None, :], mask=sel[:, None] & col_ok[None, :], other=0)
-        dst = (lane * cap + pos).to(tl.int64)
-        tl.store(out + dst[:, None] * W + cols[None, :], vals, mask=in_cap[:, None] & col_ok[None, :])
+        pid = tl.program_id(0)
+        for it in range(0, ITERS):  # persistent: blocks pid, pid + n_programs, ... of BLOCK_R rows
+            blk = pid + it * n_programs
+            lane = blk // blocks_per_lane
+            pos = (blk % blocks_per_lane) * BLOCK_R + tl.arange(0, BLOCK_R)
+            in_cap = (pos < cap) & (blk < n_blocks)
+            sel = in_cap & (pos < k)
+            tok = tl.load(idx + lane * cap + pos, mask=sel, other=0).to(tl.int64)
+            row = tok * lanes + lane
+            vals = tl.load(src + row[:, None] * W + cols[None, :], mask=sel[:, None] & col_ok[None, :], other=0)
+            dst = (lane * cap + pos).to(tl.int64)
+            tl.store(out + dst[:, None] * W + cols[None, :], vals, mask=in_cap[:, None] & col_ok[None, :])
 
 
-def gather_selected(src_rows: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def gather_selected(src_rows: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, out: torch.Tensor,
+                    programs: int | None = PROGRAMS) -> torch.Tensor:
     """out[l * cap + t] = src_rows[idx[l, t] * lanes + l] for t < k, zeros for k <= t < cap.
 
     src_rows [max_len * lanes, W]: the store's rows (device alias on CUDA); idx [B, Hkv, cap]
     (or [lanes, cap]) token positions, contiguous; k: 0-d integer tensor on idx's device
     (1 <= k <= cap, as select.select returns it); out: contiguous, at least lanes * cap rows of W.
-    Nothing is read back on the host."""
+    programs: the smallest grid (a persistent kernel: each program loops over up to ITERS blocks
+    of BLOCK_ROWS rows), so that a gather waiting on PCIe holds few of the SM slots the compute
+    stream needs; None: one program per block. Nothing is read back on the host."""
     if triton is None:
         raise RuntimeError("the Triton gather needs the `triton` package (it comes with CUDA builds of torch)")
     cap = idx.shape[-1]
@@ -68,7 +78,16 @@ def gather_selected(src_rows: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, 
         raise ValueError(f"gather_selected: src {tuple(src_rows.shape)}, out {tuple(out.shape)}, idx {tuple(idx.shape)}")
     if not (idx.is_contiguous() and out.is_contiguous() and src_rows.is_contiguous()):
         raise ValueError("gather_selected needs contiguous tensors")
-    grid = (lanes, triton.cdiv(cap, BLOCK_ROWS))
-    _gather_selected[grid](src_rows, idx, k, out, cap, lanes, W=w, BLOCK_W=triton.next_power_of_2(w),
-                           BLOCK_R=BLOCK_ROWS, num_warps=4)
+    per_lane = triton.cdiv(cap, BLOCK_ROWS)
+    n_blocks = lanes * per_lane
+    if programs is None:
+        n_programs, iters = n_blocks, 1
+    else:  # at least `programs` (when there are that many blocks), each looping over at most ITERS blocks
+        n_programs = max(min(programs, n_blocks), triton.cdiv(n_blocks, ITERS))
+        iters = ITERS
+    # the trip count is a compile-time constant (blocks past n_blocks are masked): one kernel for
+    # every budget, and Triton's interpreter (the CPU tests) runs it — it cannot loop to a
+    # run-time bound with numpy 2
+    _gather_selected[(n_programs,)](src_rows, idx, k, out, cap, lanes, n_blocks, per_lane, n_programs, ITERS=iters,
+                                    W=w, BLOCK_W=triton.next_power_of_2(w), BLOCK_R=BLOCK_ROWS, num_warps=4)
     return out

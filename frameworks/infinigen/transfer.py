@@ -79,6 +79,7 @@ class Transfer:
         if gather == "triton" and not kernels.available():
             raise RuntimeError("gather='triton' needs the triton package (CUDA builds of torch bring it)")
         self.gather = gather
+        self.gather_programs = kernels.PROGRAMS  # the Triton gather's grid (None: a program per block of rows)
         self.spec_stream = torch.cuda.Stream(device) if self.cuda else None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.append_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -193,7 +194,7 @@ class Transfer:
                 if start is not None:
                     start.record()
                 if self.gather == "triton":  # the first k rows of each lane; padding -> zeros
-                    kernels.gather_selected(store.gather_source(layer), idx, k, dst)
+                    kernels.gather_selected(store.gather_source(layer), idx, k, dst, self.gather_programs)
                     nbytes = None  # k rows a lane: known on the device only (_k_sum)
                     timed_bytes = (k, b * hkv * 2 * d * dst.element_size())
                 else:  # all cap rows; padding -> copies of the top row
