@@ -17,6 +17,9 @@ class Framework:
     full_cache_only: bool  # True: kv_budget must be 1.0
     prefill_modes: tuple[str, ...]
     policy_keys: frozenset[str] = field(default_factory=frozenset)
+    # "module:function" (torch-free) raising ValueError for a policy a cell cannot run; called by
+    # CellSpec.validate, so the host rejects a bad value before any cell runs
+    policy_check: str | None = None
 
 
 PREFILL_MODES = ("eager", "sdpa", "flash", "chunked")
@@ -38,6 +41,7 @@ FRAMEWORKS: dict[str, Framework] = {
             full_cache_only=False,
             prefill_modes=("eager", "chunked"),
             policy_keys=frozenset({"heavy_ratio", "recent_ratio", "heavy_size", "recent_size"}),
+            policy_check="frameworks.h2o.budget:check",
         ),
         Framework(
             name="infinigen",
@@ -46,6 +50,7 @@ FRAMEWORKS: dict[str, Framework] = {
             full_cache_only=False,
             prefill_modes=("eager", "flash", "chunked"),
             policy_keys=frozenset({"alpha", "partial_weight_ratio", "max_num_kv", "full_layers"}),
+            policy_check="frameworks.infinigen.options:check",
         ),
         Framework(
             name="vllm",

@@ -56,3 +56,8 @@ class Budget:
             raise ValueError(f"h2o: the budget keeps no token of a {prompt_len}-token prompt "
                              f"(heavy {heavy}, recent {recent}); raise kv_budget or the sizes")
         return heavy, recent
+
+
+def check(spec) -> None:
+    """Raise ValueError if the cell's budget cannot run (called by CellSpec.validate)."""
+    Budget.from_spec(spec.kv_budget, spec.policy).sizes(spec.prompt_len)

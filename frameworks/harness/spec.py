@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -121,6 +122,12 @@ class CellSpec:
         need(not fw.full_cache_only or self.kv_budget == 1.0, f"framework {fw.name} keeps the full KV cache: kv_budget must be 1.0")
         unknown = sorted(set(self.policy) - fw.policy_keys)
         need(not unknown, f"unknown policy key(s) {unknown} for {fw.name}; allowed: {sorted(fw.policy_keys)}")
+        if fw.policy_check:
+            module, func = fw.policy_check.split(":")
+            try:
+                getattr(importlib.import_module(module), func)(self)
+            except ValueError as e:
+                need(False, str(e))
         need(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s!r}")

@@ -14,8 +14,10 @@ One concern per file:
   skew.py       skewing matrices (SVD at load) and partial columns
   select.py     speculated scores -> selected tokens (pure functions)
   store.py      the host KV store (pinned, token-major, its device alias) and the device buffers
-  transfer.py   gather (UVA index_select) / full-layer copy: side streams, events (CPU: inline)
+  transfer.py   gather (Triton or index_select, UVA) / full-layer copy / appends: side streams, events
   cache.py      the transformers Cache the model writes into
   attention.py  the attention functions registered with transformers
-  policy.py     KVPolicy: options, prepare (skew + hooks), cache, metrics
+  options.py    policy keys, defaults and checks (torch-free: the host validates cells with it)
+  kernels.py    the Triton gather of the selected rows (CUDA; the interpreter in the CPU tests)
+  policy.py     KVPolicy: prepare (skew + hooks), cache, metrics
 """

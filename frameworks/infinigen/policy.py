@@ -1,15 +1,11 @@
 """InfiniGen as a KVPolicy: options, load-time skewing and hooks, per-batch caches, metrics.
 
-Policy keys (CellSpec.policy): alpha (default 4, logit units: a token is critical when its
-speculated logit is > max - alpha), partial_weight_ratio (0.2: share of a head's dimensions kept
-for speculation), max_num_kv (a token cap per sequence and kv head; default: the cell's
-kv_budget x the current sequence length), full_layers (1: the first layers load the whole
-cache, as upstream). kv_budget = 1 and alpha = inf fetch everything: the full-cache result.
+Policy keys and defaults: options.py. kv_budget = 1 and alpha = inf fetch everything: the
+full-cache result.
 """
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import numpy as np
@@ -17,13 +13,12 @@ import torch
 
 from frameworks.harness.result import Unsupported
 from frameworks.hf.policy import KVPolicy
-from frameworks.infinigen import attention, skew
+from frameworks.infinigen import attention, options, skew
 from frameworks.infinigen.arch import Arch
 from frameworks.infinigen.cache import InfiniGenCache
 from frameworks.infinigen.store import HostStore
 from frameworks.infinigen.transfer import Transfer
 
-DEFAULTS = {"alpha": 4.0, "partial_weight_ratio": 0.2, "max_num_kv": None, "full_layers": 1}
 SKEW_TOKENS = 512  # warm-up tokens for the SVD (upstream: 2048 of PG-19; random weights here)
 
 
@@ -34,20 +29,9 @@ class InfiniGenPolicy(KVPolicy):
 
     def __init__(self, spec):
         super().__init__(spec)
-        opts = {**DEFAULTS, **(spec.policy or {})}
-        self.alpha = float(opts["alpha"])
-        self.ratio = float(opts["partial_weight_ratio"])
-        self.max_num_kv = None if opts["max_num_kv"] is None else int(opts["max_num_kv"])
-        self.full_layers = int(opts["full_layers"])
+        opts = options.parse(spec.policy)
+        self.alpha, self.ratio, self.max_num_kv, self.full_layers = opts.alpha, opts.ratio, opts.max_num_kv, opts.full_layers
         self.kv_budget = float(spec.kv_budget)
-        if not 0 < self.ratio <= 1:
-            raise ValueError(f"partial_weight_ratio must be in (0, 1], got {self.ratio}")
-        if self.alpha < 0 or math.isnan(self.alpha):
-            raise ValueError(f"alpha must be >= 0, got {opts['alpha']}")
-        if self.full_layers < 1:
-            raise ValueError("full_layers must be >= 1 (layer 0 has no previous layer to speculate from)")
-        if self.max_num_kv is not None and self.max_num_kv < 1:
-            raise ValueError(f"max_num_kv must be >= 1, got {self.max_num_kv}")
         self._store: HostStore | None = None
         self.skews: dict = {}
 

@@ -51,6 +51,9 @@ def _preset(repo, **changes):
         ({"experiments.throughput": {"description": "x", "models": ["tiny-llama-3.1"]}}, "unknown key"),
         ({"experiments.batch.sweep": {"prefill": ["paged"]}}, "prefill must be one of"),
         ({"device": "tpu"}, "device: 'tpu' is not one of"),
+        ({"experiments.alpha.sweep": {"policy.alpah": [1]}}, "unknown policy key(s) ['alpah'] for infinigen"),
+        ({"experiments.alpha.sweep": {"policy.alpha": [-1]}}, "alpha must be >= 0"),
+        ({"experiments.alpha.sweep": {"polcy.alpha": [1]}}, "unknown key 'polcy.alpha'"),
     ],
 )
 def test_bad_preset(repo_copy, changes, message):
@@ -65,3 +68,14 @@ def test_unknown_cell_target(repo_copy):
                   "results/cells/batch/hf/tiny-llama-3.1/bs3_in256_out32_kv1_sdpa.json")
     assert p.returncode != 0
     assert "is not a cell of preset 'smoke'" in p.stderr + p.stdout, p.stderr[-2000:]
+
+
+def test_policy_sweep_axis_sets_one_policy_key():
+    """`policy.<key>` sweep axes land in the cell's policy, on top of the framework's params."""
+    from workflow.lib import celltable
+
+    cells = celltable.build_cells({"preset": "smoke", "runner": "local", "experiments": ["alpha"]},
+                                  celltable.load_preset("smoke"))
+    policies = sorted((c.policy["alpha"], c.policy["partial_weight_ratio"]) for c in cells.values())
+    assert policies == [(0.01, 0.2), (0.1, 0.2), (1, 0.2), (4, 0.2)]
+    assert len({c.cell_id for c in cells.values()}) == 4

@@ -59,7 +59,8 @@ def test_smoke_writes_tables_and_figures_from_real_runs(smoke):
         df = pd.read_csv(smoke / f"results/tables/{exp}.csv")
         assert len(df) == sum(c.experiment == exp for c in cells.values()) and "status" in df
     figs = list((smoke / "results/figures").glob("*.png"))
-    assert len(figs) == 7 and all(f.stat().st_size > 10_000 and f.with_suffix(".pdf").exists() for f in figs)
+    scripts = [f for f in (smoke / "workflow/scripts").glob("*.py") if f.stem != "aggregate"]  # one per figure
+    assert len(figs) == len(scripts) == 8 and all(f.stat().st_size > 10_000 and f.with_suffix(".pdf").exists() for f in figs)
 
 
 def test_second_run_does_nothing(smoke):

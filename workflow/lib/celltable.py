@@ -36,9 +36,20 @@ def _schema_check(doc: dict, schema_file: str, what: str) -> None:
             if e.validator == "additionalProperties":
                 msg = f"unknown key: {e.message}"
             elif "propertyNames" in e.schema_path:
-                msg = f"unknown key {e.instance!r}; allowed: {', '.join(e.validator_value)}"
+                msg = f"unknown key {e.instance!r}; allowed: {_allowed(e.validator, e.validator_value)}"
             lines.append(f"  {where}: {msg}")
         raise ConfigError(f"invalid {what}:\n" + "\n".join(lines))
+
+
+def _allowed(validator: str, value) -> str:
+    """What a propertyNames rule accepts, for the error message."""
+    if validator == "enum":
+        return ", ".join(map(str, value))
+    if validator == "anyOf":
+        return "; ".join(_allowed(k, v) for alt in value for k, v in alt.items())
+    if validator == "pattern":
+        return f"keys matching {value}"
+    return str(value)
 
 
 def validate_config(config: dict) -> None:
@@ -104,8 +115,13 @@ def build_cells(config: dict, preset: dict) -> dict[str, CellSpec]:
                     raise ConfigError(f"experiment {exp_name}: framework {fw} does not support model {model} "
                                       f"(registry: {models.entry(model)['frameworks']})")
                 for point in itertools.product(*sweep.values()):
-                    d = {**params, **dict(zip(sweep, point)), "experiment": exp_name, "framework": fw, "model": model,
+                    d = {**params, "experiment": exp_name, "framework": fw, "model": model,
                          "device": preset["device"], "dtype": preset["dtype"]}
+                    for axis, value in zip(sweep, point):
+                        if axis.startswith("policy."):  # one key of the framework's policy
+                            d["policy"] = {**(d.get("policy") or {}), axis.removeprefix("policy."): value}
+                        else:
+                            d[axis] = value
                     spec = _spec(d, exp_name)
                     if spec.rel_path in cells:
                         raise ConfigError(f"experiment {exp_name}: two cells share the id {spec.cell_id} ({fw}, {model}); "

@@ -9,6 +9,9 @@ from frameworks.harness.metrics import LATENCY_METRICS, STAT_KEYS
 
 SPEC_COLUMNS = ("experiment", "framework", "model", "batch_size", "prompt_len", "gen_len", "kv_budget", "prefill",
                 "chunk_size", "request_rate", "num_requests", "burstiness", "repetitions", "seed", "device", "dtype")
+# KV-policy measurements (frameworks' `extra`; empty where a framework has none): InfiniGen's traffic
+EXTRA_METRICS = ("fetched_tokens_per_step", "fetched_tokens_per_seq_layer_speculated", "fetched_bytes_per_step",
+                 "selected_bytes_per_step", "h2d_bandwidth_gbps", "gather_ms_per_step", "host_kv_bytes")
 SCALAR_METRICS = ("output_tok_s", "output_tok_s_std", "total_tok_s", "request_s", "duration_s", "kv_cache_bytes",
                   "peak_gpu_mem_gb", "peak_device_mem_gb", "peak_rss_gb", "output_tok_s_per_gb", "per_gb_basis")
 
@@ -19,10 +22,13 @@ def row(path: str) -> dict:
     out = {"cell_id": res["cell_id"], "status": res["status"], "message": res["message"]}
     out.update({k: spec.get(k) for k in SPEC_COLUMNS})
     out["policy"] = json.dumps(spec.get("policy") or {}, sort_keys=True)
+    out.update({f"policy.{k}": v for k, v in sorted((spec.get("policy") or {}).items())})
     for m in LATENCY_METRICS:
         stats = summary.get(m) or {}
         out.update({f"{m}_{s}": stats.get(s) for s in STAT_KEYS})
     out.update({k: summary.get(k) for k in SCALAR_METRICS})
+    extra = res.get("extra") or {}
+    out.update({k: extra.get(k) for k in EXTRA_METRICS})
     out.update({"gpu_name": prov.get("gpu_name"), "git_commit": (prov.get("git") or {}).get("commit"),
                 "image_id": prov.get("image_id"), "path": path})
     return out

@@ -40,6 +40,7 @@ FIGURES = {
     "model_size": "model_size",
     "latency_vs_rate": "request_rate",
     "metrics_vs_kv_budget": "kv_budget",
+    "metrics_vs_alpha": "alpha",
 }
 
 
