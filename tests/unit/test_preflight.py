@@ -55,3 +55,10 @@ def test_runnable_configurations_pass(runner, needs_gpu, which, gpus):
 
 def test_cluster_login_node_needs_no_gpu():
     assert preflight.problems("local", True, local_host=False, discover=lambda: []) == []
+
+
+def test_every_problem_is_named_at_once():
+    """Docker down and no GPU: both are reported, so one round of fixes suffices."""
+    found = preflight.problems("docker", True, which=only("docker"), run=fake_run(1, "", "Cannot connect"),
+                               discover=lambda: [])
+    assert len(found) == 2 and "Docker daemon does not answer" in found[0] and "no visible GPU" in found[1]

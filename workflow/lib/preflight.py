@@ -26,27 +26,26 @@ def problems(runner: str, needs_gpu: bool, local_host: bool = True, which=shutil
     local_host: jobs run on this machine (False under a cluster executor: its login node
     needs no GPU, and the jobs' own nodes are checked by the launcher).
     """
-    out: list[str] = []
+    out: list[str] = []  # every problem at once, so one fix-and-retry round suffices
     if runner == "docker":
-        if not which("docker"):
-            return ["runner=docker but the `docker` command is not installed: install Docker Engine "
-                    "(https://docs.docker.com/engine/install/), or run without it: --config runner=local"]
-        info = run(["docker", "info", "--format", "{{json .}}"])
-        if info.returncode != 0:
+        info = run(["docker", "info", "--format", "{{json .}}"]) if which("docker") else None
+        if info is None:
+            out.append("runner=docker but the `docker` command is not installed: install Docker Engine "
+                       "(https://docs.docker.com/engine/install/), or run without it: --config runner=local")
+        elif info.returncode != 0:
             why = ((info.stderr or info.stdout).strip().splitlines() or ["no output"])[-1]
-            return ["runner=docker but the Docker daemon does not answer (`docker info`: "
-                    f"{why}); start it "
-                    "(`sudo systemctl start docker`), check that you may use it (the `docker` group), "
-                    "or run without it: --config runner=local"]
-        if needs_gpu and local_host and not _has_nvidia_runtime(info.stdout, which):
+            out.append("runner=docker but the Docker daemon does not answer (`docker info`: "
+                       f"{why}); start it "
+                       "(`sudo systemctl start docker`), check that you may use it (the `docker` group), "
+                       "or run without it: --config runner=local")
+        elif needs_gpu and local_host and not _has_nvidia_runtime(info.stdout, which):
             out.append("runner=docker and the preset needs a GPU, but Docker has no NVIDIA runtime "
                        "(`docker info` lists no `nvidia` runtime or CDI device): install the NVIDIA Container "
                        "Toolkit and run `sudo nvidia-ctk runtime configure --runtime=docker`, or use a CPU preset "
                        "(--config preset=smoke), or --config runner=local")
-    elif runner == "apptainer":
-        if not (which("apptainer")):
-            return ["runner=apptainer but the `apptainer` command is not installed: install Apptainer "
-                    "(https://apptainer.org/docs/admin/main/installation.html), or --config runner=local"]
+    elif runner == "apptainer" and not which("apptainer"):
+        out.append("runner=apptainer but the `apptainer` command is not installed: install Apptainer "
+                   "(https://apptainer.org/docs/admin/main/installation.html), or --config runner=local")
     if needs_gpu and local_host and not discover():
         out.append("the preset runs on CUDA but this host has no visible GPU (nvidia-smi lists none, "
                    "or CUDA_VISIBLE_DEVICES hides them): run on a GPU host, or pick a CPU preset: "
