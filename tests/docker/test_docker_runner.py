@@ -69,6 +69,31 @@ def test_cell_ran_in_the_image_as_the_caller(run):
     assert inspect["Env"] and "HF_HUB_OFFLINE=1" in inspect["Env"]
 
 
+LAUNCHER = r"""
+import os, subprocess, sys, sysconfig, tempfile
+d = tempfile.mkdtemp()
+open(os.path.join(d, "m.c"), "w").write(
+    '#include <Python.h>\nstatic struct PyModuleDef m = {PyModuleDef_HEAD_INIT, "m"};\n'
+    "PyMODINIT_FUNC PyInit_m(void) { return PyModule_Create(&m); }\n")
+scheme = sysconfig.get_default_scheme()
+scheme = "posix_prefix" if scheme == "posix_local" else scheme  # as triton/runtime/build.py
+subprocess.check_call(["gcc", os.path.join(d, "m.c"), "-O3", "-shared", "-fPIC", "-o", os.path.join(d, "m.so"),
+                       "-I" + sysconfig.get_paths(scheme=scheme)["include"]])
+sys.path.insert(0, d)
+import m
+print("ok", os.environ["TRITON_HOME"])
+"""
+
+
+def test_infinigen_image_can_build_triton_launchers(run):
+    """On CUDA the InfiniGen gather is a Triton kernel, and Triton compiles its launcher with the
+    system C compiler against Python.h at first use: the image has both, as the caller's user."""
+    iid = (run / "results/images/infinigen.iid").read_text().strip()
+    p = docker("run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}", "--entrypoint", "python",
+               iid, "-c", LAUNCHER)
+    assert p.returncode == 0 and p.stdout.startswith("ok /tmp/triton-home"), (p.stdout, p.stderr[-3000:])
+
+
 def test_second_run_rebuilds_and_reruns_nothing(run):
     before = mtimes(run)
     p = snakemake(run, *RUN)
