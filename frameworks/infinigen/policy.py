@@ -13,7 +13,7 @@ import torch
 
 from frameworks.harness.result import Unsupported
 from frameworks.hf.policy import KVPolicy
-from frameworks.infinigen import attention, options, skew
+from frameworks.infinigen import attention, kernels, options, skew
 from frameworks.infinigen.arch import Arch
 from frameworks.infinigen.cache import InfiniGenCache
 from frameworks.infinigen.store import HostStore
@@ -58,6 +58,8 @@ class InfiniGenPolicy(KVPolicy):
         for i, layer in enumerate(self.arch.layers):
             layer.register_forward_pre_hook(partial(self._pre_hook, i), with_kwargs=True)
         self.transfer = Transfer(self.device, fetch=self.fetch, gather=self.gather)
+        if self.transfer.cuda and self.transfer.gather == "triton":
+            kernels.self_check(self.device)  # builds the kernel now: a missing compiler fails at load
 
     def _pre_hook(self, i: int, module, args, kwargs):
         cache = kwargs.get("past_key_values")

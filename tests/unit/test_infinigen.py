@@ -348,6 +348,18 @@ def test_triton_gather_reads_the_first_k_rows_of_each_lane(w, programs):
         assert out[lanes * cap:].isnan().all()
 
 
+@needs_triton
+def test_triton_gather_self_check_passes_and_names_a_failure(monkeypatch):
+    kernels.self_check("cpu")  # the policy runs it at load on CUDA
+
+    def broken(*a, **kw):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(kernels, "_gather_selected", type("K", (), {"__getitem__": lambda self, grid: broken})())
+    with pytest.raises(RuntimeError, match="does not build or run here.*C compiler.*Python headers"):
+        kernels.self_check("cpu")
+
+
 def test_unknown_gather_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown gather 'memcpy'"):
         Transfer(torch.device("cpu"), gather="memcpy")
