@@ -1,8 +1,9 @@
 """Figure: InfiniGen's alpha (speculation threshold) vs tokens fetched, bytes moved and throughput.
 
 A token is fetched when its speculated logit is > max - alpha (capped by the KV budget): a larger
-alpha fetches more. With random weights attention is near uniform, so the budget caps every
-alpha; real weights (`weights:` in the preset) show the threshold at work.
+alpha fetches more. With random weights attention is nearly uniform, so the budget may cap every
+alpha; real weights (`weights:` in the preset) show the threshold at work. Bytes are those moved
+host->GPU on CUDA (the selected rows); the CPU path gathers the whole budget, padding included.
 """
 
 import sys
@@ -15,7 +16,7 @@ from workflow.lib import plotting as P  # noqa: E402
 df = P.load(snakemake.input.table)  # noqa: F821
 df["fetched_mb_per_step"] = df["fetched_bytes_per_step"] / 1e6
 panels = [("fetched_tokens_per_seq_layer_speculated", "tokens fetched per sequence and layer"),
-          ("fetched_mb_per_step", "host->GPU MB per decode step"), ("output_tok_s", "output throughput (tok/s)")]
+          ("fetched_mb_per_step", "KV MB fetched per decode step"), ("output_tok_s", "output throughput (tok/s)")]
 fig, axes = P.plt.subplots(1, 3, figsize=(12.6, 3.0))
 for ax, (metric, label) in zip(axes, panels):
     P.lines(ax, df, "policy.alpha", metric, by=("framework", "model"))
