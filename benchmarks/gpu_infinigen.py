@@ -1,4 +1,4 @@
-"""GPU verification of the InfiniGen policy (issue 4). One H100, about 4-6 minutes (< 7).
+"""GPU verification of the InfiniGen policy (issue 4). One H100, about 7 minutes (--time-budget-s 520).
 
     python benchmarks/gpu_infinigen.py --out DIR            # H100: Llama-3.1-8B architecture, random bf16
     python benchmarks/gpu_infinigen.py --out DIR --tiny     # CPU, tiny model, < 1 min (checks the script)
