@@ -56,9 +56,10 @@ VARIANTS = [  # name, gather, append
 def configure(policy, gather: str, append: str) -> None:
     t = policy.transfer
     t.fetch = gather != "none"
-    if t.fetch:
-        t.gather = "triton" if gather.startswith("triton") else gather
-        t.gather_programs = None if gather == "triton-grid" else kernels.PROGRAMS
+    if gather == "none":  # the default's selection work (index_select also pads the indices)
+        gather = "triton" if t.cuda and kernels.available() else "index_select"
+    t.gather = "triton" if gather.startswith("triton") else gather
+    t.gather_programs = None if gather == "triton-grid" else kernels.PROGRAMS
     if append == "side":
         t.__dict__.pop("append", None)
     else:  # the first design: pack and copy on the current (compute) stream

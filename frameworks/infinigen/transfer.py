@@ -45,7 +45,7 @@ class Fetched:
     tokens: int  # n: rows per (sequence, kv head) handed to attention (static: cap for a speculated layer)
     nbytes: int | None  # bytes moved host -> device (None: k rows a lane, known on the device only)
     bias: torch.Tensor | None = None  # [n] float32 added to the logits: 0 for the selected rows, -inf for padding
-    idx: torch.Tensor | None = None  # [B, Hkv, n] token of each row (padded), speculated layers only
+    idx: torch.Tensor | None = None  # [B, Hkv, n] token of each row (padded for index_select), speculated layers only
     k: torch.Tensor | None = None  # 0-d device: how many of the n rows are selected
 
     def wait(self) -> Fetched:
@@ -181,7 +181,10 @@ class Transfer:
             cap = idx.shape[-1]
             if keep_pos is None:
                 keep_pos = torch.arange(cap, device=idx.device)
-            keep = keep_pos[:cap] < k
+            if self.gather == "index_select":  # it reads every row: padding -> copies of the top row
+                idx, keep = select.pad(idx, k, keep_pos)
+            else:  # the Triton gather reads the first k rows only
+                keep = keep_pos[:cap] < k
             bias = torch.where(keep, self._zero, self._ninf, out=slot.bias[:cap])
             self._k_sum.add_(k)  # every launched speculation is used in the same step
             n = b * hkv * cap
@@ -197,8 +200,7 @@ class Transfer:
                     kernels.gather_selected(store.gather_source(layer), idx, k, dst, self.gather_programs)
                     nbytes = None  # k rows a lane: known on the device only (_k_sum)
                     timed_bytes = (k, b * hkv * 2 * d * dst.element_size())
-                else:  # all cap rows; padding -> copies of the top row
-                    idx = torch.where(keep, idx, idx[..., :1])
+                else:  # all cap rows, padding included
                     gather(store.gather_source(layer), select.flat_rows(idx, b, hkv, lane), dst)
                     nbytes = timed_bytes = dst.numel() * dst.element_size()
                 if self.cuda:
