@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     model = models.build(model_name, "random", device, dtype, policy.attn_implementation(spec.prefill), 0)
     policy.prepare(model)
     eng = Engine(model, policy, device, spec.prefill, spec.chunk_size)
-    variants = [v for v in VARIANTS if (cuda or not v[1].startswith("triton") or _triton_ok())
+    variants = [v for v in VARIANTS if (cuda or not v[1].startswith("triton") or kernels.available())
                 and (args.variants is None or v[0] in args.variants.split(","))]
     rows = []
     for b in batches:
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         b = batches[0]
         prompts = np.random.default_rng(b).integers(0, model.config.vocab_size, (b, prompt))
         for name, gather, append in (("index_select/compute", "index_select", "compute"), ("triton/side", "triton", "side")):
-            if cuda or gather != "triton" or _triton_ok():
+            if cuda or gather != "triton" or kernels.available():
                 configure(policy, gather, append)
                 tables[name], windows[name] = profile(eng, prompts, args.out, f"bs{b}_{name}")
     prov = provenance.collect(0)
@@ -258,12 +258,6 @@ def main(argv=None) -> int:
               f"{r['gather_gbps'] or 0:6.1f} {r['fetched_bytes_per_step'] / 1e6:8.1f} "
               f"{r.get('max_abs_logit_diff', float('nan')):10.3g}")
     return 0
-
-
-def _triton_ok() -> bool:
-    from frameworks.infinigen import kernels
-
-    return kernels.available()
 
 
 if __name__ == "__main__":
