@@ -34,6 +34,7 @@ def run_engine_cell(spec, policy_cls) -> Measurement:
         engine.generate(prompts[: spec.batch_size], min(spec.gen_len, 4))
     warmup_s = time.perf_counter() - t0
     engine.kv_bytes_peak = 0
+    policy.reset_metrics()  # counters cover the measured repetitions only
 
     timings, durations = [], []
     with MemoryMonitor(spec.device) as mon:
