@@ -20,6 +20,9 @@ class Framework:
     # "module:function" (torch-free) raising ValueError for a policy a cell cannot run; called by
     # CellSpec.validate, so the host rejects a bad value before any cell runs
     policy_check: str | None = None
+    # True: prefill=flash runs torch's flash-attention SDPA kernel on CUDA, which has no float32
+    # version (vLLM's `flash` means unchunked prefill and takes any dtype)
+    flash_kernel: bool = False
 
 
 PREFILL_MODES = ("eager", "sdpa", "flash", "chunked")
@@ -33,6 +36,7 @@ FRAMEWORKS: dict[str, Framework] = {
             description="transformers engine, full KV cache on the GPU (baseline of the KV policies)",
             full_cache_only=True,
             prefill_modes=PREFILL_MODES,
+            flash_kernel=True,
         ),
         Framework(
             name="h2o",
@@ -42,6 +46,7 @@ FRAMEWORKS: dict[str, Framework] = {
             prefill_modes=("eager", "chunked"),
             policy_keys=frozenset({"heavy_ratio", "recent_ratio", "heavy_size", "recent_size"}),
             policy_check="frameworks.h2o.budget:check",
+            flash_kernel=True,
         ),
         Framework(
             name="infinigen",
@@ -51,6 +56,7 @@ FRAMEWORKS: dict[str, Framework] = {
             prefill_modes=("eager", "flash", "chunked"),
             policy_keys=frozenset({"alpha", "partial_weight_ratio", "max_num_kv", "full_layers"}),
             policy_check="frameworks.infinigen.options:check",
+            flash_kernel=True,
         ),
         Framework(
             name="vllm",
