@@ -195,8 +195,9 @@ def test_small_budget_fetches_at_most_the_budget():
 
 
 # -- selection --------------------------------------------------------------------------
-def _naive_select(logits, alpha, cap):
-    """Written independently of select.select: loops, python sorting."""
+def _naive_select(logits, alpha, cap, min_fetch=0):
+    """Written independently of select.select: loops, python sorting. Upstream's count: the
+    floored mean over rows (0 when alpha = 0), here raised to min_fetch."""
     b, hkv, g, length = logits.shape
     counts = []
     for bi in range(b):
@@ -205,7 +206,7 @@ def _naive_select(logits, alpha, cap):
                 row = logits[bi, h, gi].tolist()
                 m = max(row)
                 counts.append(sum(1 for v in row if v > m - alpha))
-    k = min(max(sum(counts) // len(counts), 1), min(cap, length))
+    k = min(max(sum(counts) // len(counts), min_fetch), min(cap, length))
     chosen = {}
     for bi in range(b):
         for h in range(hkv):
@@ -215,12 +216,14 @@ def _naive_select(logits, alpha, cap):
     return k, chosen
 
 
-@pytest.mark.parametrize("alpha,cap", [(0.5, 100), (2.0, 5), (4.0, 30), (math.inf, 100), (math.inf, 7)])
-def test_selection_matches_naive_reference(alpha, cap):
+@pytest.mark.parametrize("alpha,cap,min_fetch", [(0.5, 100, 0), (2.0, 5, 0), (4.0, 30, 0), (math.inf, 100, 0),
+                                                 (math.inf, 7, 0), (0.0, 30, 0), (0.0, 30, 1)])
+def test_selection_matches_naive_reference(alpha, cap, min_fetch):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 2, 4, 50, generator=g) * 2
-    idx, k = select.select(logits, alpha, cap)
-    k_ref, chosen = _naive_select(logits, alpha, cap)
+    idx, k = select.select(logits, alpha, cap, min_fetch)
+    k_ref, chosen = _naive_select(logits, alpha, cap, min_fetch)
+    assert k_ref == (min_fetch if alpha == 0 else k_ref)  # alpha 0: no token is above the maximum
     assert int(k) == k_ref
     for (bi, h), want in chosen.items():
         assert set(idx[bi, h, : int(k)].tolist()) == want
@@ -263,7 +266,8 @@ def test_engine_selection_and_fetched_rows(name, policy_cls, monkeypatch):
     x, pe = inputs[-1]
     attn = arch.attn(j)
     with torch.inference_mode():
-        q = attn.q_proj(arch.norm(j)(x)).view(b, 1, arch.n_heads, arch.head_dim).transpose(1, 2)
+        # upstream: layer j-1's own normalised input; the columns picked from this prompt
+        q = attn.q_proj(arch.norm(j - 1)(x)).view(b, 1, arch.n_heads, arch.head_dim).transpose(1, 2)
         if arch.rope:
             cos, sin = pe
             half = arch.head_dim // 2
@@ -272,7 +276,7 @@ def test_engine_selection_and_fetched_rows(name, policy_cls, monkeypatch):
         else:
             q = q * attn.scaling
         keys_post = cache.store.prefix(j, length)[..., 0, :]  # [L, B, Hkv, d]
-        proj = policy.skews[j].proj
+        proj = cache.parts[j].proj
         logits = torch.zeros(b, arch.n_kv_heads, arch.groups, length)
         for bi in range(b):
             for hq in range(arch.n_heads):
