@@ -45,3 +45,9 @@ def test_makefile_builds_every_image():
 
     listed = re.search(r"addsuffix \.iid,([a-z0-9 ]+)\)", (ROOT / "Makefile").read_text()).group(1).split()
     assert sorted(listed) == sorted(images.IMAGES)
+
+
+def test_infinigen_policy_keys_are_its_options():
+    from frameworks.infinigen import options
+
+    assert registry.get("infinigen").policy_keys == set(options.DEFAULTS)
