@@ -25,7 +25,14 @@ class CellSpec:
     batch_size: int = 1  # offline: the batch; request-rate cells: the largest batch
     prompt_len: int = 512  # exact prompt tokens per request
     gen_len: int = 32  # exact generated tokens per request
-    kv_budget: float = 1.0  # fraction of the sequence whose KV the GPU keeps (1.0 = full)
+    # in (0, 1], 1.0 = the full cache; its meaning is the policy's (one per framework):
+    #   h2o        the fraction of the PROMPT whose KV stays on the GPU (heavy + recent tokens;
+    #              the paper's "20%" is heavy 0.1 + recent 0.1), fixed through decode
+    #   infinigen  the fraction of the SEQUENCE fetched from CPU memory per step and speculated
+    #              layer: a cap of kv_budget x (prompt_len + gen_len) tokens (upstream's max_num_kv),
+    #              or x the current length (policy budget_rule=current); the whole KV lives on the host
+    #   hf, vllm   always 1.0
+    kv_budget: float = 1.0
     prefill: str = "sdpa"  # eager | sdpa | flash | chunked
     chunk_size: int = 2048  # tokens per prefill chunk (prefill=chunked)
     request_rate: float | None = None  # req/s (inf: all at once); None: one offline batch
