@@ -8,6 +8,7 @@ import sys
 import time
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -128,30 +129,52 @@ def test_bad_config_touches_no_result(smoke):
     assert p.returncode != 0 and mtimes(smoke) == before
 
 
-def test_killed_run_resumes_without_redoing_finished_cells(repo_copy):
-    args = [sys.executable, "-m", "snakemake", "--cores", "all", "--config", "preset=smoke", "runner=local",
-            "experiments=[request_rate]", "frameworks=[hf]"]
-    proc = subprocess.Popen(args, cwd=repo_copy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    n = len(cells_of("smoke", experiments=["request_rate"], frameworks=["hf"]))
-    cells_dir = repo_copy / "results/cells/request_rate"
-    logs_dir = repo_copy / "logs/cells/request_rate"
+def cell_processes(repo) -> list[str]:
+    """The processes of a cell started in `repo`: launcher, run-cell, worker, lifeline watchdog."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "frameworks.harness" in cmd or "workflow.lib.launch" in cmd:
+                if p.status() != psutil.STATUS_ZOMBIE and os.path.samefile(p.cwd(), repo):
+                    out.append(f"{p.pid} {cmd[:150]}")
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def test_sigkilled_run_leaves_no_cell_process_and_resumes_with_only_that_cell(repo_copy, tmp_path):
+    tmp = tmp_path / "tmp"  # the cells' temp folder, to see that no temp dir is left
+    tmp.mkdir()
+    config = ["--config", "preset=smoke", "runner=local"]
+    two = sorted(cells_of("smoke", experiments=["request_rate"], frameworks=["hf"]))[:2]  # two tiny cells
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "all", *two, *config],
+                            cwd=repo_copy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "TMPDIR": str(tmp)})
     deadline = time.time() + 300
-    # cells run one at a time (cell_threads: all): once the second has started, the first is
-    # finished and recorded by Snakemake, and the second is still running
-    while time.time() < deadline and len(list(logs_dir.rglob("*.log"))) < 2:
+    # cells run one at a time (cell_threads: all): once one is written, Snakemake has recorded it
+    # and starts the other; kill while the other one's worker computes
+    while time.time() < deadline and not (any((repo_copy / c).exists() for c in two) and
+                                          any("harness.worker" in c for c in cell_processes(repo_copy))):
         time.sleep(0.1)
+    assert list(tmp.glob("kvstudy-cell-*")), "the second cell should be running"
     os.killpg(proc.pid, signal.SIGKILL)  # no clean shutdown: as a crash or a lost node
     proc.wait()
-    done = {p: p.stat().st_mtime_ns for p in cells_dir.rglob("*.json")}
-    assert 1 <= len(done) < n
-    # a hard kill leaves Snakemake's lock behind: unlock, then resume (rerun-incomplete is in the profile)
-    assert snakemake(repo_copy, "--unlock", "--config", "preset=smoke", "runner=local").returncode == 0
-    p = snakemake(repo_copy, "--cores", "all", "--config", "preset=smoke", "runner=local", "experiments=[request_rate]",
-                  "frameworks=[hf]")
+    time.sleep(5)
+    assert cell_processes(repo_copy) == []
+    assert not list(tmp.glob("kvstudy-cell-*"))
+    [first] = [c for c in two if (repo_copy / c).exists()]
+    [killed] = [c for c in two if c != first]
+    done = (repo_copy / first).stat().st_mtime_ns
+    # the hard kill left Snakemake's lock; `make smoke` runs this first and it removes the lock
+    unlock = subprocess.run([sys.executable, "-m", "workflow.lib.lock"], cwd=repo_copy, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo_copy)})
+    assert "removed Snakemake's lock left by a run that was killed" in unlock.stderr, unlock.stderr
+    p = snakemake(repo_copy, "--cores", "all", *two, *config)  # rerun-incomplete is in the profile
     assert p.returncode == 0, p.stderr[-3000:]
-    assert all(f.stat().st_mtime_ns == t for f, t in done.items())  # finished cells were kept
-    assert len(list(cells_dir.rglob("*.json"))) == n
-    assert not list(cells_dir.rglob("*.tmp"))
+    assert jobs(p.stdout + p.stderr) == {"run_cell": 1}
+    assert (repo_copy / first).stat().st_mtime_ns == done and (repo_copy / killed).exists()
+    assert not list((repo_copy / "results/cells").rglob("*.tmp"))
 
 
 def test_lint_and_format_clean():

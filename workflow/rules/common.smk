@@ -142,7 +142,9 @@ def get_figure_table(wildcards) -> str:
 
 
 def get_all_targets() -> list[str]:
-    targets = [f"results/tables/{e}.csv" for e in EXPERIMENTS]
+    # every cell is a target of its own: a deleted (or never written) result reruns even while
+    # the table built from it exists
+    targets = sorted(CELLS) + [f"results/tables/{e}.csv" for e in EXPERIMENTS]
     for fig, exp in FIGURES.items():
         if exp in EXPERIMENTS:
             targets += [f"results/figures/{fig}.{ext}" for ext in ("pdf", "png")]
