@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -10,7 +11,6 @@ import time
 import pandas as pd
 import psutil
 import pytest
-import yaml
 
 from frameworks.harness import result
 from tests.conftest import REPO, copy_repo, snakemake
@@ -92,33 +92,65 @@ def test_forcerun_redoes_cell_and_dependents(smoke):
     assert jobs(p.stdout) == {"run_cell": 1, "table": 1, "figure": 1, "all": 1}, p.stdout
 
 
-def test_status_lists_non_ok_cells_with_rerun_command(smoke):
-    cell = smoke / "results/cells/model_size/hf/tiny-llama-3.1/bs4_in256_out16_kv1_sdpa.json"
-    saved = cell.read_text()
-    r = yaml.safe_load(saved)
+def status(repo) -> str:
+    p = subprocess.run([sys.executable, "-m", "workflow.lib.status", "--config", "preset=smoke", "runner=local"], cwd=repo,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def pasted(repo, stdout: str, kind: str, path: str) -> subprocess.CompletedProcess:
+    """Run the `run:` / `rerun:` command that status printed for `path`, as a user pastes it."""
+    [cmd] = [ln.split(f"{kind}:", 1)[1] for ln in stdout.splitlines() if ln.strip().startswith(f"{kind}:") and path in ln]
+    assert shlex.split(cmd)[0].endswith("snakemake")  # this environment's, not whatever is on PATH
+    return subprocess.run(shlex.split(cmd), cwd=repo, capture_output=True, text=True, timeout=600)
+
+
+def test_status_lists_non_ok_cells_with_commands_that_work(smoke):
+    oom = smoke / "results/cells/model_size/hf/tiny-llama-3.1/bs4_in256_out16_kv1_sdpa.json"
+    gone = smoke / "results/cells/model_size/hf/tiny-llama-3.2-1b/bs4_in256_out16_kv1_sdpa.json"
+    r = result.load(oom)
     r.update(status="oom", message="OutOfMemoryError: test", summary=None, samples=[])
-    result.write_atomic(cell, r)
-    try:
-        p = subprocess.run([sys.executable, "-m", "workflow.lib.status", "--config", "preset=smoke", "runner=local"], cwd=smoke,
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(smoke)})
-        assert p.returncode == 0, p.stderr
-        rel = str(cell.relative_to(smoke))
-        assert f"oom          {rel}" in p.stdout
-        assert f"rerun: snakemake --cores all --config preset=smoke runner=local --forcerun {rel}" in p.stdout
-        assert f"cells: {len(cells_of('smoke')) - 1} ok, 1 oom" in p.stdout
-    finally:
-        cell.write_text(saved)
+    result.write_atomic(oom, r)
+    gone.unlink()
+    out = status(smoke)
+    rel_oom, rel_gone = str(oom.relative_to(smoke)), str(gone.relative_to(smoke))
+    assert f"oom          {rel_oom}" in out and f"missing      {rel_gone}" in out
+    assert f"--cores all --forcerun {rel_oom} --config preset=smoke runner=local" in out
+    assert f"cells: 1 missing, {len(cells_of('smoke')) - 2} ok, 1 oom" in out
+    p = pasted(smoke, out, "run", rel_gone)
+    assert p.returncode == 0 and gone.exists(), p.stderr[-3000:]
+    p = pasted(smoke, out, "rerun", rel_oom)
+    assert p.returncode == 0 and result.load(oom)["status"] == "ok", p.stderr[-3000:]
+    assert "cells: " + f"{len(cells_of('smoke'))} ok" in status(smoke)
 
 
-def test_corrupt_result_is_named(smoke):
+def test_deleted_result_reruns_although_its_table_exists(smoke):
+    target = "results/cells/model_size/hf/tiny-llama-3.2-3b/bs4_in256_out16_kv1_sdpa.json"
+    before = mtimes(smoke)
+    (smoke / target).unlink()
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local")
+    assert p.returncode == 0, p.stderr[-3000:]
+    changed = {k for k, v in mtimes(smoke).items() if v != before.get(k)}
+    assert changed == {target, "results/tables/model_size.csv", "results/figures/model_size.pdf",
+                       "results/figures/model_size.png"}
+
+
+def test_corrupt_result_stops_the_run_before_any_table(smoke):
     cell = smoke / "results/cells/request_rate/hf/tiny-llama-3.1/bs8_in128_out16_kv1_sdpa_rate16-n16.json"
     saved = cell.read_text()
-    cell.write_text(saved[: len(saved) // 2])
+    before = mtimes(smoke)
     try:
-        p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", "--forcerun", "results/tables/request_rate.csv")
-        assert p.returncode != 0
-        assert f"{cell.relative_to(smoke)}: not a readable result JSON" in open(smoke / "logs/tables/request_rate.log").read() + p.stderr
-        assert cell.exists()  # nothing computed is deleted
+        for corrupt in (saved[: len(saved) // 2], '{"status": "ok"}'):  # truncated; valid JSON, wrong schema
+            cell.write_text(corrupt)
+            p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local")
+            assert p.returncode != 0
+            out = p.stdout + p.stderr
+            assert f"{cell.relative_to(smoke)}: " in out and "delete it to rerun the cell" in out, out[-3000:]
+            assert "Traceback" not in out
+            assert cell.exists() and (smoke / "results/tables/request_rate.csv").exists()  # nothing deleted
+            assert {k: v for k, v in mtimes(smoke).items() if k != str(cell.relative_to(smoke))} == \
+                {k: v for k, v in before.items() if k != str(cell.relative_to(smoke))}
     finally:
         cell.write_text(saved)
 
