@@ -35,9 +35,11 @@ def cell_states(config: dict) -> list[tuple[str, str, str]]:
             except cell_result.ResultError as e:
                 out.append((path, "corrupt", str(e)))
         elif log.exists():
-            tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            tail = lines[-1:]
             where = f"see {log.relative_to(REPO)}" + (f": {tail[0][:200]}" if tail else "")
-            if tail and tail[0].startswith(f"run-cell: {Path(path).stem}: "):  # its last run wrote a result
+            # its last run wrote a result (run-cell's last word; the launcher may add its own after it)
+            if any(ln.startswith(f"run-cell: {Path(path).stem}: ") for ln in lines[-3:]):
                 out.append((path, "missing", f"the result was deleted after its run ({where})"))
             else:
                 out.append((path, "failed", where))

@@ -133,11 +133,13 @@ def run_preflight() -> None:
     pending = {job.rule.name for job in jobs}
     rerun = {str(f) for j in jobs if j.rule.name == "run_cell" for f in j.output}
     found = []
-    # cell files a table would read (not those about to be rewritten)
-    if "table" in pending:
-        found += preflight.unreadable_cells(
-            p for p in CELLS if p not in rerun and Path(p).exists()
-        )
+    # cell files a pending table would read (not those about to be rewritten)
+    tables = {j.wildcards.experiment for j in jobs if j.rule.name == "table"}
+    found += preflight.unreadable_cells(
+        p
+        for p, c in CELLS.items()
+        if c.experiment in tables and p not in rerun and Path(p).exists()
+    )
     if pending & {"run_cell", "image", "image_sif"}:
         needs_gpu = PRESET["device"] == "cuda" and "run_cell" in pending
         found += preflight.problems(RUNNER, needs_gpu, local_host=workflow.local_exec)
