@@ -33,7 +33,7 @@ def cell_states(config: dict) -> list[tuple[str, str, str]]:
                 res = cell_result.load(p)
                 out.append((path, res["status"], res["message"]))
             except cell_result.ResultError as e:
-                out.append((path, "corrupt", str(e)))
+                out.append((path, "corrupt", str(e).replace(f"{REPO}/", "")))
         elif log.exists():
             lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
             tail = lines[-1:]
