@@ -14,11 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # the whole pipeline on the CPU preset: cells -> tables -> figures
+# (workflow.lib.lock: first remove Snakemake's lock if a killed run left it and none runs here)
 smoke: $(VENV)/.installed
+	$(BIN)/python -m workflow.lib.lock
 	$(BIN)/snakemake --cores all --config preset=smoke runner=local $(CONFIG)
 
 # the paper's experiments (GPU host)
 paper: $(VENV)/.installed
+	$(BIN)/python -m workflow.lib.lock
 	$(BIN)/snakemake --cores all --config preset=paper $(CONFIG)
 
 test: $(VENV)/.installed
@@ -43,4 +46,5 @@ gpu-wheels:
 # cells that did not measure, with the command to rerun each (PRESET=smoke|paper)
 PRESET ?= smoke
 status: $(VENV)/.installed
+	$(BIN)/python -m workflow.lib.lock
 	$(BIN)/python -m workflow.lib.status --config preset=$(PRESET) $(if $(filter smoke,$(PRESET)),runner=local) $(CONFIG)

@@ -97,5 +97,8 @@ def load(path: str | Path) -> dict:
         result = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ResultError(f"{path}: not a readable result JSON ({e}); delete it to rerun the cell") from None
-    validate(result, where=str(path))
+    try:
+        validate(result, where=str(path))
+    except ResultError as e:
+        raise ResultError(f"{e}; delete it to rerun the cell") from None
     return result

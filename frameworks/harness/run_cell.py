@@ -17,10 +17,9 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from frameworks.harness import provenance, result
+from frameworks.harness import lifeline, provenance, result
 from frameworks.harness.spec import CellSpec, SpecError
 from frameworks.harness.worker import now
 
@@ -48,14 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     started = now()
-    with tempfile.TemporaryDirectory(prefix="kvstudy-cell-") as td:
+    with lifeline.make_temp_dir() as td:
         record_path = Path(td) / "record.json"
         cmd = [sys.executable, "-m", "frameworks.harness.worker", "--spec", spec.to_json(),
                "--record", str(record_path), "--threads", str(args.threads)]
         proc = subprocess.Popen(cmd, start_new_session=True)
+        # if this process is killed (even by SIGKILL), the worker's group and the temp dir go too
+        line = lifeline.guard(proc.pid, remove=td)
 
         def forward(signum, _frame):  # interrupted: stop the cell, write nothing
             kill_group(proc)
+            line.release()
             sys.exit(128 + signum)
 
         signal.signal(signal.SIGTERM, forward)
@@ -64,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             rc = proc.wait(timeout=spec.timeout_s)
         except subprocess.TimeoutExpired:
             kill_group(proc)
+            line.release()
             record = result.build(spec.to_dict(), spec.cell_id, "timeout",
                                   f"cell exceeded its time limit of {spec.timeout_s:g} s",
                                   provenance.collect(spec.seed, with_gpu=False), started, now())
         else:
+            line.release()
             if rc != 0 or not record_path.exists():
                 print(f"run-cell: the cell's process failed (exit {rc}); no result written", file=sys.stderr)
                 return 1

@@ -176,3 +176,21 @@ def test_image_build_failure_is_named_before_cells(tmp_path, wheel_links):
     out = p.stdout + p.stderr
     assert "building image 'engine' failed" in out and "runner=local" in out, out[-3000:]
     assert not (repo / "results/cells").exists()
+
+
+def test_sigkill_of_the_launcher_removes_the_container(tmp_path, base_image):
+    """No clean shutdown (a SIGKILL of Snakemake's process group): the launcher's lifeline removes
+    the container, which would otherwise outlive its killed docker client and hold its GPU."""
+    repo = copy_repo(tmp_path / "repo")
+    name = launch.container_name("cell", repo / "results")
+    p = launch_raw(repo, base_image, "sleep", "300")
+    deadline = time.time() + 60
+    while container_gone(name) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not container_gone(name)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    deadline = time.time() + 30
+    while not container_gone(name) and time.time() < deadline:
+        time.sleep(0.2)
+    assert container_gone(name)

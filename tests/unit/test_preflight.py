@@ -62,3 +62,34 @@ def test_every_problem_is_named_at_once():
     found = preflight.problems("docker", True, which=only("docker"), run=fake_run(1, "", "Cannot connect"),
                                discover=lambda: [])
     assert len(found) == 2 and "Docker daemon does not answer" in found[0] and "no visible GPU" in found[1]
+
+
+def _spec(**kw):
+    from frameworks.harness.spec import CellSpec
+
+    return CellSpec(experiment="batch", framework="hf", model="tiny-llama-3.1", **kw)
+
+
+def test_disk_space_is_checked_against_the_pending_cells(tmp_path):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    results, temp = tmp_path / "results", tmp_path / "tmp"  # one file system: their needs add up
+    specs = [_spec(batch_size=32, gen_len=256), _spec(batch_size=8, gen_len=256)]
+    need = sum(map(preflight.expected_result_bytes, specs)) + preflight.expected_result_bytes(specs[0]) \
+        + preflight.TEMP_RESERVE_BYTES
+    # the reference run bs32 x 256 tokens wrote 207 183 bytes: the estimate covers it, within 2x
+    assert 207_183 <= preflight.expected_result_bytes(specs[0]) <= 2 * 207_183
+    assert preflight.disk_problems(specs, results, temp, usage=lambda p: usage(0, 0, need)) == []
+    [msg] = preflight.disk_problems(specs, results, temp, usage=lambda p: usage(0, 0, need - 1))
+    assert "not enough free disk space" in msg and str(results) in msg and "2 pending cell(s)" in msg
+    assert preflight.disk_problems([], results, temp, usage=lambda p: usage(0, 0, 0)) == []
+
+
+def test_unreadable_cells_are_named_with_the_way_out(tmp_path):
+    bad, wrong = tmp_path / "bad.json", tmp_path / "wrong.json"
+    bad.write_text('{"status": ')
+    wrong.write_text('{"status": "ok"}')
+    msgs = preflight.unreadable_cells([bad, wrong])
+    assert len(msgs) == 2 and all("delete it to rerun the cell" in m for m in msgs)
+    assert f"{bad}: not a readable result JSON" in msgs[0] and f"{wrong}: invalid" in msgs[1]

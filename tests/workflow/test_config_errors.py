@@ -51,6 +51,7 @@ def _preset(repo, **changes):
         ({"experiments.throughput": {"description": "x", "models": ["tiny-llama-3.1"]}}, "unknown key"),
         ({"experiments.batch.sweep": {"prefill": ["paged"]}}, "prefill must be one of"),
         ({"device": "tpu"}, "device: 'tpu' is not one of"),
+        ({"cell_threads": 0}, "cell_threads: 0 is not allowed; allowed: an integer >= 1, or 'all'"),
         ({"experiments.alpha.sweep": {"policy.alpah": [1]}}, "unknown policy key(s) ['alpah'] for infinigen"),
         ({"experiments.alpha.sweep": {"policy.alpha": [-1]}}, "alpha must be >= 0"),
         ({"experiments.alpha.sweep": {"polcy.alpha": [1]}}, "unknown key 'polcy.alpha'"),
@@ -63,11 +64,21 @@ def test_bad_preset(repo_copy, changes, message):
     assert message in p.stderr + p.stdout, p.stderr[-2000:]
 
 
-def test_unknown_cell_target(repo_copy):
-    p = snakemake(repo_copy, "-n", "--cores", "1", "--config", "preset=smoke", "--",
-                  "results/cells/batch/hf/tiny-llama-3.1/bs3_in256_out32_kv1_sdpa.json")
+@pytest.mark.parametrize(
+    "filters, cell, how",
+    [
+        ([], "batch/hf/tiny-llama-3.1/bs3_in256_out32_kv1_sdpa", "no preset has it: add its point to an experiment's sweep"),
+        ([], "batch/hf/llama-3.1-8b/bs8_in2048_out256_kv1_sdpa", "it is a cell of preset 'paper': choose it with --config preset=paper"),
+        (["frameworks=[h2o]"], "batch/hf/tiny-llama-3.1/bs4_in256_out32_kv1_sdpa",
+         "it is a cell of preset 'smoke' without the filters {'frameworks': ['h2o']}: drop them"),
+    ],
+)
+def test_unknown_cell_target_says_what_was_chosen_and_how_to_include_it(repo_copy, filters, cell, how):
+    p = snakemake(repo_copy, "-n", "--cores", "1", "--config", "preset=smoke", *filters, "--", f"results/cells/{cell}.json")
     assert p.returncode != 0
-    assert "is not a cell of preset 'smoke'" in p.stderr + p.stdout, p.stderr[-2000:]
+    out = p.stderr + p.stdout
+    assert f"results/cells/{cell}.json is not a cell of preset 'smoke'" in out and how in out, out[-2000:]
+    assert "No rule to produce" not in out
 
 
 def test_policy_sweep_axis_sets_one_policy_key():

@@ -2,14 +2,15 @@
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
 
 import pandas as pd
+import psutil
 import pytest
-import yaml
 
 from frameworks.harness import result
 from tests.conftest import REPO, copy_repo, snakemake
@@ -91,33 +92,65 @@ def test_forcerun_redoes_cell_and_dependents(smoke):
     assert jobs(p.stdout) == {"run_cell": 1, "table": 1, "figure": 1, "all": 1}, p.stdout
 
 
-def test_status_lists_non_ok_cells_with_rerun_command(smoke):
-    cell = smoke / "results/cells/model_size/hf/tiny-llama-3.1/bs4_in256_out16_kv1_sdpa.json"
-    saved = cell.read_text()
-    r = yaml.safe_load(saved)
+def status(repo) -> str:
+    p = subprocess.run([sys.executable, "-m", "workflow.lib.status", "--config", "preset=smoke", "runner=local"], cwd=repo,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def pasted(repo, stdout: str, kind: str, path: str) -> subprocess.CompletedProcess:
+    """Run the `run:` / `rerun:` command that status printed for `path`, as a user pastes it."""
+    [cmd] = [ln.split(f"{kind}:", 1)[1] for ln in stdout.splitlines() if ln.strip().startswith(f"{kind}:") and path in ln]
+    assert shlex.split(cmd)[0].endswith("snakemake")  # this environment's, not whatever is on PATH
+    return subprocess.run(shlex.split(cmd), cwd=repo, capture_output=True, text=True, timeout=600)
+
+
+def test_status_lists_non_ok_cells_with_commands_that_work(smoke):
+    oom = smoke / "results/cells/model_size/hf/tiny-llama-3.1/bs4_in256_out16_kv1_sdpa.json"
+    gone = smoke / "results/cells/model_size/hf/tiny-llama-3.2-1b/bs4_in256_out16_kv1_sdpa.json"
+    r = result.load(oom)
     r.update(status="oom", message="OutOfMemoryError: test", summary=None, samples=[])
-    result.write_atomic(cell, r)
-    try:
-        p = subprocess.run([sys.executable, "-m", "workflow.lib.status", "--config", "preset=smoke", "runner=local"], cwd=smoke,
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(smoke)})
-        assert p.returncode == 0, p.stderr
-        rel = str(cell.relative_to(smoke))
-        assert f"oom          {rel}" in p.stdout
-        assert f"rerun: snakemake --cores all --config preset=smoke runner=local --forcerun {rel}" in p.stdout
-        assert f"cells: {len(cells_of('smoke')) - 1} ok, 1 oom" in p.stdout
-    finally:
-        cell.write_text(saved)
+    result.write_atomic(oom, r)
+    gone.unlink()
+    out = status(smoke)
+    rel_oom, rel_gone = str(oom.relative_to(smoke)), str(gone.relative_to(smoke))
+    assert f"oom          {rel_oom}" in out and f"missing      {rel_gone}" in out
+    assert f"--cores all --forcerun {rel_oom} --config preset=smoke runner=local" in out
+    assert f"cells: 1 missing, {len(cells_of('smoke')) - 2} ok, 1 oom" in out
+    p = pasted(smoke, out, "run", rel_gone)
+    assert p.returncode == 0 and gone.exists(), p.stderr[-3000:]
+    p = pasted(smoke, out, "rerun", rel_oom)
+    assert p.returncode == 0 and result.load(oom)["status"] == "ok", p.stderr[-3000:]
+    assert "cells: " + f"{len(cells_of('smoke'))} ok" in status(smoke)
 
 
-def test_corrupt_result_is_named(smoke):
+def test_deleted_result_reruns_although_its_table_exists(smoke):
+    target = "results/cells/model_size/hf/tiny-llama-3.2-3b/bs4_in256_out16_kv1_sdpa.json"
+    before = mtimes(smoke)
+    (smoke / target).unlink()
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local")
+    assert p.returncode == 0, p.stderr[-3000:]
+    changed = {k for k, v in mtimes(smoke).items() if v != before.get(k)}
+    assert changed == {target, "results/tables/model_size.csv", "results/figures/model_size.pdf",
+                       "results/figures/model_size.png"}
+
+
+def test_corrupt_result_stops_the_run_before_any_table(smoke):
     cell = smoke / "results/cells/request_rate/hf/tiny-llama-3.1/bs8_in128_out16_kv1_sdpa_rate16-n16.json"
     saved = cell.read_text()
-    cell.write_text(saved[: len(saved) // 2])
+    before = mtimes(smoke)
     try:
-        p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", "--forcerun", "results/tables/request_rate.csv")
-        assert p.returncode != 0
-        assert f"{cell.relative_to(smoke)}: not a readable result JSON" in open(smoke / "logs/tables/request_rate.log").read() + p.stderr
-        assert cell.exists()  # nothing computed is deleted
+        for corrupt in (saved[: len(saved) // 2], '{"status": "ok"}'):  # truncated; valid JSON, wrong schema
+            cell.write_text(corrupt)
+            p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local")
+            assert p.returncode != 0
+            out = p.stdout + p.stderr
+            assert f"{cell.relative_to(smoke)}: " in out and "delete it to rerun the cell" in out, out[-3000:]
+            assert "Traceback" not in out
+            assert cell.exists() and (smoke / "results/tables/request_rate.csv").exists()  # nothing deleted
+            assert {k: v for k, v in mtimes(smoke).items() if k != str(cell.relative_to(smoke))} == \
+                {k: v for k, v in before.items() if k != str(cell.relative_to(smoke))}
     finally:
         cell.write_text(saved)
 
@@ -128,30 +161,52 @@ def test_bad_config_touches_no_result(smoke):
     assert p.returncode != 0 and mtimes(smoke) == before
 
 
-def test_killed_run_resumes_without_redoing_finished_cells(repo_copy):
-    args = [sys.executable, "-m", "snakemake", "--cores", "all", "--config", "preset=smoke", "runner=local",
-            "experiments=[request_rate]", "frameworks=[hf]"]
-    proc = subprocess.Popen(args, cwd=repo_copy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    n = len(cells_of("smoke", experiments=["request_rate"], frameworks=["hf"]))
-    cells_dir = repo_copy / "results/cells/request_rate"
-    logs_dir = repo_copy / "logs/cells/request_rate"
+def cell_processes(repo) -> list[str]:
+    """The processes of a cell started in `repo`: launcher, run-cell, worker, lifeline watchdog."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "frameworks.harness" in cmd or "workflow.lib.launch" in cmd:
+                if p.status() != psutil.STATUS_ZOMBIE and os.path.samefile(p.cwd(), repo):
+                    out.append(f"{p.pid} {cmd[:150]}")
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def test_sigkilled_run_leaves_no_cell_process_and_resumes_with_only_that_cell(repo_copy, tmp_path):
+    tmp = tmp_path / "tmp"  # the cells' temp folder, to see that no temp dir is left
+    tmp.mkdir()
+    config = ["--config", "preset=smoke", "runner=local"]
+    two = sorted(cells_of("smoke", experiments=["request_rate"], frameworks=["hf"]))[:2]  # two tiny cells
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "all", *two, *config],
+                            cwd=repo_copy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "TMPDIR": str(tmp)})
     deadline = time.time() + 300
-    # cells run one at a time (cell_threads: all): once the second has started, the first is
-    # finished and recorded by Snakemake, and the second is still running
-    while time.time() < deadline and len(list(logs_dir.rglob("*.log"))) < 2:
+    # cells run one at a time (cell_threads: all): once one is written, Snakemake has recorded it
+    # and starts the other; kill while the other one's worker computes
+    while time.time() < deadline and not (any((repo_copy / c).exists() for c in two) and
+                                          any("harness.worker" in c for c in cell_processes(repo_copy))):
         time.sleep(0.1)
+    assert list(tmp.glob("kvstudy-cell-*")), "the second cell should be running"
     os.killpg(proc.pid, signal.SIGKILL)  # no clean shutdown: as a crash or a lost node
     proc.wait()
-    done = {p: p.stat().st_mtime_ns for p in cells_dir.rglob("*.json")}
-    assert 1 <= len(done) < n
-    # a hard kill leaves Snakemake's lock behind: unlock, then resume (rerun-incomplete is in the profile)
-    assert snakemake(repo_copy, "--unlock", "--config", "preset=smoke", "runner=local").returncode == 0
-    p = snakemake(repo_copy, "--cores", "all", "--config", "preset=smoke", "runner=local", "experiments=[request_rate]",
-                  "frameworks=[hf]")
+    time.sleep(5)
+    assert cell_processes(repo_copy) == []
+    assert not list(tmp.glob("kvstudy-cell-*"))
+    [first] = [c for c in two if (repo_copy / c).exists()]
+    [killed] = [c for c in two if c != first]
+    done = (repo_copy / first).stat().st_mtime_ns
+    # the hard kill left Snakemake's lock; `make smoke` runs this first and it removes the lock
+    unlock = subprocess.run([sys.executable, "-m", "workflow.lib.lock"], cwd=repo_copy, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo_copy)})
+    assert "removed Snakemake's lock left by a run that was killed" in unlock.stderr, unlock.stderr
+    p = snakemake(repo_copy, "--cores", "all", *two, *config)  # rerun-incomplete is in the profile
     assert p.returncode == 0, p.stderr[-3000:]
-    assert all(f.stat().st_mtime_ns == t for f, t in done.items())  # finished cells were kept
-    assert len(list(cells_dir.rglob("*.json"))) == n
-    assert not list(cells_dir.rglob("*.tmp"))
+    assert jobs(p.stdout + p.stderr) == {"run_cell": 1}
+    assert (repo_copy / first).stat().st_mtime_ns == done and (repo_copy / killed).exists()
+    assert not list((repo_copy / "results/cells").rglob("*.tmp"))
 
 
 def test_lint_and_format_clean():

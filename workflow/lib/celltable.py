@@ -37,6 +37,8 @@ def _schema_check(doc: dict, schema_file: str, what: str) -> None:
                 msg = f"unknown key: {e.message}"
             elif "propertyNames" in e.schema_path:
                 msg = f"unknown key {e.instance!r}; allowed: {_allowed(e.validator, e.validator_value)}"
+            elif e.validator in ("oneOf", "anyOf"):  # jsonschema's "is not valid under any of the given schemas"
+                msg = f"{e.instance!r} is not allowed; allowed: " + ", or ".join(map(_describe, e.validator_value))
             lines.append(f"  {where}: {msg}")
         raise ConfigError(f"invalid {what}:\n" + "\n".join(lines))
 
@@ -50,6 +52,19 @@ def _allowed(validator: str, value) -> str:
     if validator == "pattern":
         return f"keys matching {value}"
     return str(value)
+
+
+def _describe(schema: dict) -> str:
+    """One alternative of a oneOf/anyOf, in words: 'an integer >= 1', "'all'"."""
+    if "const" in schema:
+        return repr(schema["const"])
+    if "enum" in schema:
+        return "one of " + ", ".join(map(repr, schema["enum"]))
+    kind = {"integer": "an integer", "number": "a number", "string": "a string", "array": "a list",
+            "object": "a mapping", "boolean": "true or false"}.get(schema.get("type"), str(schema.get("type", "a value")))
+    bounds = [f"{op} {schema[k]}" for k, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
+                                                  ("exclusiveMaximum", "<")) if k in schema]
+    return " ".join([kind, " and ".join(bounds)]).strip()
 
 
 def validate_config(config: dict) -> None:
@@ -156,3 +171,24 @@ def _spec(d: dict, exp_name: str) -> CellSpec:
 def cells_from_config(config: dict) -> dict[str, CellSpec]:
     validate_config(config)
     return build_cells(config, load_preset(config["preset"]))
+
+
+def explain_unknown_cell(path: str, config: dict) -> str:
+    """Why `path` is not a cell of this run, and how to include it (instead of Snakemake's
+    "No rule to produce …")."""
+    filters = {k: config.get(k) for k in ("experiments", "frameworks", "models") if config.get(k)}
+    chosen = f"preset {config.get('preset')!r}" + "".join(f", {k}={v}" for k, v in filters.items())
+    how = ("no preset has it: add its point to an experiment's sweep in config/presets/<preset>.yaml, or pick one "
+           "of the cells that `snakemake -n` lists")
+    for name in [config.get("preset"), *(n for n in preset_names() if n != config.get("preset"))]:
+        try:
+            cells = build_cells({**config, "preset": name, "experiments": [], "frameworks": [], "models": []},
+                                load_preset(name))
+        except ConfigError:
+            continue
+        if path in cells:
+            how = (f"it is a cell of preset {name!r} without the filters {filters}: drop them or add its "
+                   f"{', '.join(filters)} to them" if name == config.get("preset")
+                   else f"it is a cell of preset {name!r}: choose it with --config preset={name}")
+            break
+    return f"{path} is not a cell of {chosen}; {how}"

@@ -28,6 +28,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from frameworks.harness import lifeline
 from frameworks.harness.run_cell import kill_group
 from workflow.lib import gpus as gpulib
 
@@ -113,23 +114,30 @@ def apptainer_env(base: dict[str, str], env: dict[str, str], gpu: str | None, se
     return out
 
 
-def run(argv: list[str], env: dict[str, str], timeout_s: float, on_stop, pass_fds=()) -> int:
-    """Run argv; on a signal or past timeout_s, call on_stop (remove the container) and give up."""
+def run(argv: list[str], env: dict[str, str], timeout_s: float, on_stop, pass_fds=(), cleanup=None) -> int:
+    """Run argv; on a signal or past timeout_s, call on_stop (remove the container) and give up.
+
+    If this process is killed outright (SIGKILL), the lifeline kills argv's group and runs
+    `cleanup` (removes the container, which does not die with its docker client)."""
     proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, start_new_session=True)
+    line = lifeline.guard(proc.pid, cleanup=cleanup)
 
     def stop(signum, _frame):
         log(f"interrupted (signal {signum}): stopping the cell")
         on_stop(proc)
+        line.release()
         sys.exit(128 + signum)
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, stop)
     try:
-        return proc.wait(timeout=timeout_s)
+        rc = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         log(f"the cell ran past {timeout_s:g} s (its own limit + {GRACE_S} s of grace): stopped; no result written")
         on_stop(proc)
-        return 124
+        rc = 124
+    line.release()
+    return rc
 
 
 def docker_remover(name: str):
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["docker", "rm", "--force", name], capture_output=True)  # left by a killed run
             cmd = docker_argv(meta["KVSTUDY_IMAGE_ID"], name, os.getuid(), os.getgid(), results_dir, gpu, meta,
                               secrets, cell_args)
-            rc = run(cmd, env, timeout_s, docker_remover(name), fds)
+            rc = run(cmd, env, timeout_s, docker_remover(name), fds, cleanup=["docker", "rm", "--force", name])
         else:
             cmd = apptainer_argv(args.image, results_dir, gpu, cell_args)
             rc = run(cmd, apptainer_env(env, meta, gpu, secrets), timeout_s, kill_group, fds)

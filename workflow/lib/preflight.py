@@ -1,6 +1,7 @@
 """Checks that run once before any image build or cell (Snakemake's `onstart`), so that a
-missing Docker, a stopped daemon, a missing NVIDIA runtime or a GPU-less host is one clear
-message with the way out, not a hundred failed cells. Not run by `snakemake -n`.
+missing Docker, a stopped daemon, a missing NVIDIA runtime, a GPU-less host, a full disk or a
+corrupt cell file is one clear message with the way out, not a hundred failed cells (or a table
+deleted by its failed job). Not run by `snakemake -n`.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 from workflow.lib import gpus as gpulib
 
@@ -62,3 +64,54 @@ def _has_nvidia_runtime(info_json: str, which) -> bool:
     except json.JSONDecodeError:
         return False
     return "nvidia" in (info.get("Runtimes") or {}) or "nvidia.com/gpu" in json.dumps(info.get("DiscoveredDevices") or [])
+
+
+def unreadable_cells(paths) -> list[str]:
+    """Cell files that exist but are not valid results: named before a table reads them (a failed
+    table job would delete the table built from the good ones)."""
+    from frameworks.harness import result as cell_result
+
+    out = []
+    for p in paths:
+        try:
+            cell_result.load(p)
+        except cell_result.ResultError as e:
+            out.append(str(e))
+    return out
+
+
+# Measured on the reference results (results/reference/): 25-26 bytes per generated token
+# (each token's timestamp) plus a few KB of spec, summary and provenance; rounded up.
+RESULT_BYTES_PER_TOKEN = 32
+RESULT_BASE_BYTES = 16_384
+# a cell's scratch space besides its record: torch's and Triton's compile caches
+TEMP_RESERVE_BYTES = 256 * 2**20
+
+
+def expected_result_bytes(spec) -> int:
+    return RESULT_BASE_BYTES + RESULT_BYTES_PER_TOKEN * spec.n_requests * spec.gen_len * spec.repetitions
+
+
+def disk_problems(specs, results_dir: Path, temp_dir: Path | None, usage=shutil.disk_usage) -> list[str]:
+    """Free space for the pending cells: every result in results_dir, one cell's record (written
+    first in its temp dir) plus scratch in temp_dir (None: the runner's container has its own)."""
+    sizes = [expected_result_bytes(s) for s in specs]
+    if not sizes:
+        return []
+    needs = {results_dir: sum(sizes)}
+    if temp_dir is not None:
+        needs[temp_dir] = max(sizes) + TEMP_RESERVE_BYTES
+    by_fs: dict[int, list] = {}  # folders on one file system share its free space
+    for folder, need in needs.items():
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        entry = by_fs.setdefault(existing.stat().st_dev, [existing, 0, []])
+        entry[1] += need
+        entry[2].append(str(folder))
+    out = []
+    for existing, need, names in by_fs.values():
+        free = usage(existing).free
+        if free < need:
+            out.append(f"not enough free disk space: {' and '.join(names)} have {free / 1e6:.0f} MB free, the "
+                       f"{len(sizes)} pending cell(s) need about {need / 1e6:.0f} MB (results, temp files); free "
+                       "space there, or set TMPDIR to a folder with room")
+    return out

@@ -20,3 +20,20 @@ rule run_cell:
         # on a GPU of its own
         '"$KVSTUDY_PYTHON" -m workflow.lib.launch {params.launch} --gpus {resources.gpu} -- '
         "--spec {params.spec:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"
+
+
+# A cell path this run does not have (another preset's, filtered out, in no sweep): its input
+# function stops the run naming the preset and filters chosen and how to include the cell,
+# instead of Snakemake's "No rule to produce". Never runs.
+rule unknown_cell:
+    input:
+        get_unknown_cell,
+    output:
+        "results/cells/{path}.json",
+    log:
+        "logs/cells/{path}.unknown.log",
+    shell:
+        "exit 1"
+
+
+ruleorder: run_cell > unknown_cell

@@ -1,6 +1,7 @@
 # Config -> cell table, and the input functions every rule uses.
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 # frameworks/ and workflow/ importable without installing
@@ -57,9 +58,16 @@ def get_cell(wildcards) -> CellSpec:
         return CELLS[path]
     except KeyError:
         raise WorkflowError(
-            f"kvstudy: {path} is not a cell of preset {config['preset']!r} with this config; "
-            "list the cells with `snakemake -n`, or pick the preset with --config preset=<name>"
+            f"kvstudy: {celltable.explain_unknown_cell(path, config)}"
         ) from None
+
+
+def get_unknown_cell(wildcards):
+    # input of the unknown_cell rule: a cell path this run does not have, explained
+    path = f"results/cells/{wildcards.path}.json"
+    if path in CELLS:  # a cell of this run: the run_cell rule makes it (ruleorder)
+        return []
+    raise WorkflowError(f"kvstudy: {celltable.explain_unknown_cell(path, config)}")
 
 
 def get_cell_spec(wildcards) -> str:
@@ -120,12 +128,26 @@ def get_image_build_options(wildcards) -> str:
 
 
 def run_preflight() -> None:
-    # onstart: real runs only (never `snakemake -n`), and only if cells or images are to be made
-    pending = {job.rule.name for job in workflow.dag.needrun_jobs()}
-    if not pending & {"run_cell", "image", "image_sif"}:
-        return
-    needs_gpu = PRESET["device"] == "cuda" and "run_cell" in pending
-    found = preflight.problems(RUNNER, needs_gpu, local_host=workflow.local_exec)
+    # onstart: real runs only (never `snakemake -n`), before any job
+    jobs = list(workflow.dag.needrun_jobs())
+    pending = {job.rule.name for job in jobs}
+    rerun = {str(f) for j in jobs if j.rule.name == "run_cell" for f in j.output}
+    found = []
+    # cell files a pending table would read (not those about to be rewritten)
+    tables = {j.wildcards.experiment for j in jobs if j.rule.name == "table"}
+    found += preflight.unreadable_cells(
+        p
+        for p, c in CELLS.items()
+        if c.experiment in tables and p not in rerun and Path(p).exists()
+    )
+    if pending & {"run_cell", "image", "image_sif"}:
+        needs_gpu = PRESET["device"] == "cuda" and "run_cell" in pending
+        found += preflight.problems(RUNNER, needs_gpu, local_host=workflow.local_exec)
+    if rerun and workflow.local_exec:
+        temp = Path(tempfile.gettempdir()) if RUNNER == "local" else None
+        found += preflight.disk_problems(
+            [CELLS[p] for p in rerun if p in CELLS], Path("results"), temp
+        )
     if found:
         raise WorkflowError(
             "kvstudy preflight: cannot run this configuration:\n  - "
@@ -142,7 +164,9 @@ def get_figure_table(wildcards) -> str:
 
 
 def get_all_targets() -> list[str]:
-    targets = [f"results/tables/{e}.csv" for e in EXPERIMENTS]
+    # every cell is a target of its own: a deleted (or never written) result reruns even while
+    # the table built from it exists
+    targets = sorted(CELLS) + [f"results/tables/{e}.csv" for e in EXPERIMENTS]
     for fig, exp in FIGURES.items():
         if exp in EXPERIMENTS:
             targets += [f"results/figures/{fig}.{ext}" for ext in ("pdf", "png")]
