@@ -71,6 +71,7 @@ OverTimeLimit=0
 InactiveLimit=0
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
+DefMemPerCPU=1000
 JobCompType=jobcomp/filetxt
 JobCompLoc={d}/jobcomp.txt
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={mem_mb} State=UNKNOWN
@@ -83,7 +84,11 @@ class Cluster:
     def __init__(self, root: Path):
         self.root = root
         self.conf = root / "slurm.conf"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # the executor plugin's job step starts its `srun` without any SLURM_* variable, SLURM_CONF
+        # included: a real node finds its config at /etc/slurm (or configless, from slurmd), this
+        # one only through this folder's srun, which names the config and runs the real srun
+        self.bin = root / "bin"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf), "PATH": f"{self.bin}:{os.environ['PATH']}"}
         self.procs: list[subprocess.Popen] = []
 
     def cmd(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -99,6 +104,10 @@ class Cluster:
         os.chmod(key, 0o400)
         mem_mb = psutil.virtual_memory().total // 2**20 - 1024  # what the machine has, less the OS's share
         self.conf.write_text(slurm_conf(d, getpass.getuser(), mem_mb))
+        self.bin.mkdir(exist_ok=True)
+        srun = self.bin / "srun"
+        srun.write_text(f"#!/bin/sh\nSLURM_CONF={self.conf} exec {shutil.which('srun')} \"$@\"\n")
+        srun.chmod(0o755)
         self._spawn("munged", "--foreground", f"--key-file={key}", f"--socket={d}/munge.socket",
                     f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log", f"--seed-file={d}/munge.seed",
                     "--force")

@@ -54,9 +54,19 @@ def limit_address_space():
 
 
 def snakemake_slurm(cluster: Cluster, repo: Path, *args: str) -> subprocess.Popen:
+    """Snakemake in the background, its console in <repo>/../snakemake-<n>.log (finish() reads it)."""
     argv = [sys.executable, "-m", "snakemake", "--workflow-profile", "profiles/slurm", *SITE, *args]
-    return subprocess.Popen(argv, cwd=repo, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, preexec_fn=limit_address_space)
+    log = repo.parent / f"snakemake-{len(list(repo.parent.glob('snakemake-*.log')))}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=repo, env=cluster.env, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=limit_address_space)
+    proc.console = log
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout_s: float = 900) -> str:
+    proc.wait(timeout=timeout_s)
+    return proc.console.read_text()
 
 
 def jobs_by_cell(cluster: Cluster) -> dict[str, list[dict]]:
@@ -80,7 +90,7 @@ def comment(path: str) -> str:
     return f"rule_run_cell_wildcards_{experiment}_{framework}_{model}_{cell}"
 
 
-def wait_running(cluster: Cluster, repo: Path, path: str, proc: subprocess.Popen, timeout_s: float = 120) -> str:
+def wait_running(cluster: Cluster, repo: Path, path: str, proc: subprocess.Popen, timeout_s: float = 600) -> str:
     """The job id of a cell once its cell command runs (its log exists) inside a RUNNING job."""
     log = repo / "logs" / Path(path).relative_to("results").with_suffix(".log")
     deadline = time.monotonic() + timeout_s
@@ -123,23 +133,25 @@ def repo(tmp_path_factory) -> Path:
 def test_slurm_run_failure_paths_and_rerun(cluster, repo):
     cells = celltable.build_cells({"preset": "slurm-test", "runner": "local"}, yaml.safe_load(PRESET.read_text()))
     assert {c.framework for c in cells.values()} == {"hf", "h2o", "infinigen"} and len(cells) == 6
-    # 1) the whole preset through SLURM, cells limited to 1 minute: the slow cell runs past it, one is cancelled
-    proc = snakemake_slurm(cluster, repo, *CONFIG, "--set-resources", "run_cell:runtime=1", *PROFILE_SET)
-    cancelled_job = wait_running(cluster, repo, CANCELLED, proc)
-    cluster.cmd("scancel", cancelled_job)
-    out = proc.communicate(timeout=300)[0]
+    # 1) the whole preset through SLURM; while they run, one cell's job is cancelled and another's
+    # time limit lowered to 1 minute (as a site's limit or a user's too-small runtime would be)
+    proc = snakemake_slurm(cluster, repo, *CONFIG, "--set-resources", *PROFILE_SET)
+    cluster.cmd("scancel", wait_running(cluster, repo, CANCELLED, proc))
+    cluster.cmd("scontrol", "update", f"JobId={wait_running(cluster, repo, TIMED_OUT, proc)}", "TimeLimit=1")
+    out = finish(proc)
     assert proc.returncode != 0, out[-3000:]  # two jobs failed (keep-going: the others ran)
     jobs = jobs_by_cell(cluster)
     for path in cells:
         assert len(jobs[comment(path)]) == 1, (path, jobs)  # one SLURM job per cell
     for path in (p for p in cells if p.startswith(KV)):
         (job,) = jobs[comment(path)]
-        assert (job["state"], job["partition"], job["timelimit"], job["cpus"]) == ("COMPLETED", "gpu", "00:01:00", "1")
+        # the rule's own limit: timeout_s 300 + the launcher's 300 s of grace
+        assert (job["state"], job["partition"], job["timelimit"], job["cpus"]) == ("COMPLETED", "gpu", "00:10:00", "1")
         r = result.load(repo / path)
         assert r["status"] == ("oom" if path == OOM else "ok"), (path, r["message"])
     assert "can't allocate memory" in result.load(repo / OOM)["message"]
     assert [j["state"] for j in jobs[comment(CANCELLED)]] == ["CANCELLED"]
-    assert [j["state"] for j in jobs[comment(TIMED_OUT)]] == ["TIMEOUT"]
+    assert [(j["state"], j["timelimit"]) for j in jobs[comment(TIMED_OUT)]] == [("TIMEOUT", "00:01:00")]
     for path in (CANCELLED, TIMED_OUT):
         assert not (repo / path).exists()
     assert not list((repo / "results").rglob("*.tmp"))
@@ -157,17 +169,17 @@ def test_slurm_run_failure_paths_and_rerun(cluster, repo):
         assert f"failed       {path}" in st.stdout and f"run:   snakemake --cores all --config preset=slurm-test runner=local {path}" in st.stdout
     assert "cells: 2 failed, 3 ok, 1 oom" in st.stdout, st.stdout
 
-    # 3) the next run redoes only those two (the rule's own time limit now: 300 s + 300 s grace = 10 min),
-    # and their table and figure; meanwhile the same kv_budget cells run locally, to compare shapes
+    # 3) the next run redoes only those two, and their table and figure; meanwhile the same
+    # kv_budget cells run locally, to compare shapes
     kept = mtimes(repo, KV) | mtimes(repo, "results/figures") | mtimes(repo, "results/tables")
     before = {j["id"] for js in jobs.values() for j in js}
     proc = snakemake_slurm(cluster, repo, *CONFIG, "--set-resources", *PROFILE_SET)
     local = copy_repo(repo.parent.parent / "local")
     shutil.copy(PRESET, local / "config/presets/slurm-test.yaml")
     lp = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *CONFIG, "experiments=[kv_budget]"], cwd=local,
-                        capture_output=True, text=True, timeout=300, preexec_fn=limit_address_space)
+                        capture_output=True, text=True, timeout=600, preexec_fn=limit_address_space)
     assert lp.returncode == 0, lp.stderr[-3000:]
-    out = proc.communicate(timeout=300)[0]
+    out = finish(proc)
     assert proc.returncode == 0, out[-3000:]
     now = mtimes(repo, KV) | mtimes(repo, "results/figures") | mtimes(repo, "results/tables")
     assert {k for k in now if now[k] != kept.get(k)} == {"results/tables/request_rate.csv",
@@ -194,7 +206,7 @@ def test_gpu_cell_is_submitted_with_a_gpu(cluster, repo):
     cell = "results/cells/batch/hf/llama-3.1-8b/bs8_in2048_out256_kv1_sdpa.json"
     proc = snakemake_slurm(cluster, repo, "--config", "preset=paper", "runner=local", "--set-resources", *PROFILE_SET,
                            "--", cell)
-    out = proc.communicate(timeout=300)[0]
+    out = finish(proc, 300)
     assert proc.returncode != 0 and "SLURM sbatch failed" in out, out[-3000:]
     call = out[out.index("sbatch call:"):].splitlines()[1]
     for part in ("--gpus=1", "-p gpu", "-t 65", "--mem 2000", "--cpus-per-task=8"):
