@@ -1,10 +1,12 @@
 """The pipeline on a real one-node SLURM cluster (tests/slurm/cluster.py) through
 snakemake-executor-plugin-slurm and profiles/slurm: every cell its own SLURM job, cancelled and
 timed-out jobs leave no result and are redone by the next run (and only they), an out-of-memory
-cell is a result, and a GPU cell is submitted with a GPU. About 4 minutes, most of it idle
-(two request-rate cells wait ~100 s for their second arrival).
+cell is a result, and a GPU cell is submitted with a GPU. Most of its time is idle (two
+request-rate cells wait ~100 s for their second arrival) or job start-up (~25 s per job here).
 
-Without the SLURM programs this module is skipped, unless KVSTUDY_REQUIRE_SLURM=1 (.ci/run).
+Runs with KVSTUDY_TEST_SLURM=1 (make test-slurm, the CI job .ci/run slurm: ~6 minutes on 2 cores,
+which `make test` does not wait for). Without the SLURM programs it is skipped, unless
+KVSTUDY_REQUIRE_SLURM=1.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from tests.conftest import copy_repo
 from tests.slurm.cluster import Cluster, missing_programs
 from workflow.lib import celltable
 
+if os.environ.get("KVSTUDY_TEST_SLURM") != "1":
+    pytest.skip("the SLURM test is its own job: make test-slurm (.ci/run slurm)", allow_module_level=True)
 MISSING = missing_programs()
 if MISSING and os.environ.get("KVSTUDY_REQUIRE_SLURM") != "1":
     pytest.skip(f"SLURM not installed ({', '.join(MISSING)}; apt-get install slurmctld slurmd slurm-client munge)",
