@@ -51,6 +51,7 @@ RATE = "results/cells/request_rate/hf/tiny-llama-3.1"
 CANCELLED = f"{RATE}/bs1_in16_out2_kv1_sdpa_rate0.0105-n2_burst1000.json"
 TIMED_OUT = f"{RATE}/bs1_in16_out2_kv1_sdpa_rate0.01-n2_burst1000.json"
 OOM = f"{KV}/h2o/tiny-llama-3.1/bs32_in16380_out4_kv0.2_eager.json"
+STARTED: list[subprocess.Popen] = []  # every Snakemake this module starts: stopped before the cluster
 
 
 def limit_address_space():
@@ -65,6 +66,7 @@ def snakemake_slurm(cluster: Cluster, repo: Path, *args: str) -> subprocess.Pope
         proc = subprocess.Popen(argv, cwd=repo, env=cluster.env, stdout=f, stderr=subprocess.STDOUT, text=True,
                                 preexec_fn=limit_address_space)
     proc.console = log
+    STARTED.append(proc)
     return proc
 
 
@@ -124,6 +126,14 @@ def shape(x):
 def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("slurm")).start()
     yield c
+    for proc in STARTED:  # a failed test leaves its Snakemake polling: stop it (it cancels its jobs)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     c.stop()
 
 
@@ -216,3 +226,12 @@ def test_gpu_cell_is_submitted_with_a_gpu(cluster, repo):
     for part in ("--gpus=1", "-p gpu", "-t 65", "--mem 2000", "--cpus-per-task=8"):
         assert part in call, (part, call)
     assert "gres" in out.lower(), out[-3000:]  # SLURM's reason: no node has the GPU asked for
+
+
+def test_cell_threads_all_is_refused_on_a_cluster(cluster, repo):
+    # smoke gives each cell every core of the machine: a cluster has no such number
+    proc = snakemake_slurm(cluster, repo, "--config", "preset=smoke", "runner=local", "--set-resources", *PROFILE_SET,
+                           "--", "results/cells/batch/hf/tiny-llama-3.1/bs4_in256_out32_kv1_sdpa.json")
+    out = finish(proc, 300)
+    assert proc.returncode != 0 and "has cell_threads: all" in out, out[-3000:]
+    assert "has been submitted with SLURM jobid" not in out
