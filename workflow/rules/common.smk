@@ -69,9 +69,10 @@ def get_cell_spec(wildcards) -> str:
 
 def get_cell_threads(wildcards) -> int:
     threads = PRESET["cell_threads"]
+    # an executor plugin's run (SLURM) has no --cores: the job asks its scheduler for the threads
     try:
         cores = workflow.cores
-    except WorkflowError:  # an executor plugin's run (SLURM) has no --cores: the job asks for threads
+    except WorkflowError:
         if threads == "all":
             raise WorkflowError(
                 f"kvstudy: preset {config['preset']!r} has cell_threads: all (every core of this "
