@@ -40,8 +40,9 @@ pytestmark = pytest.mark.slow
 PRESET = Path(__file__).with_name("preset.yaml")
 CONFIG = ["--config", "preset=slurm-test", "runner=local"]
 # profiles/slurm as a user runs it, with this node's sizes (2 CPUs, ~23 GB: not the paper's 160 GB)
-# and the test cluster's lack of accounts; the plugin's first status check after 5 s, not 40
-SITE = ["--slurm-no-account", "--slurm-keep-successful-logs", "--slurm-init-seconds-before-status-checks", "5",
+# and the test cluster's lack of accounts and of an accounting database (squeue, not sacct, for job
+# states: MinJobAge keeps finished jobs an hour); the plugin's first status check after 5 s, not 40
+SITE = ["--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-keep-successful-logs", "--slurm-init-seconds-before-status-checks", "5",
         "--default-resources", "slurm_partition=gpu", "mem_mb=2000", "runtime=90"]
 PROFILE_SET = ["table:slurm_partition=cpu", "table:mem_mb=2000", "table:runtime=10",
                "figure:slurm_partition=cpu", "figure:mem_mb=2000", "figure:runtime=10"]
