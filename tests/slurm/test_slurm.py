@@ -78,7 +78,7 @@ def finish(proc: subprocess.Popen, timeout_s: float = 900) -> str:
 
 def jobs_by_cell(cluster: Cluster) -> dict[str, list[dict]]:
     """SLURM's record of every job, by the output it made: sacct for the state and time limit
-    (from the job-completion log), squeue for the plugin's comment (rule + wildcards)."""
+    (from the job-completion log; time limits in minutes), squeue for the plugin's comment (rule + wildcards)."""
     acct = cluster.cmd("sacct", "--completion", "--parsable2", "--noheader",
                        "--format=JobID,State,Partition,Timelimit,NCPUS").stdout
     states = {f[0]: dict(zip(("id", "state", "partition", "timelimit", "cpus"), f))
@@ -161,12 +161,12 @@ def test_slurm_run_failure_paths_and_rerun(cluster, repo):
     for path in (p for p in cells if p.startswith(KV)):
         (job,) = jobs[comment(path)]
         # the rule's own limit: timeout_s 300 + the launcher's 300 s of grace
-        assert (job["state"], job["partition"], job["timelimit"], job["cpus"]) == ("COMPLETED", "gpu", "00:10:00", "1")
+        assert (job["state"], job["partition"], job["timelimit"], job["cpus"]) == ("COMPLETED", "gpu", "10", "1")
         r = result.load(repo / path)
         assert r["status"] == ("oom" if path == OOM else "ok"), (path, r["message"])
     assert "can't allocate memory" in result.load(repo / OOM)["message"]
     assert [j["state"] for j in jobs[comment(CANCELLED)]] == ["CANCELLED"]
-    assert [(j["state"], j["timelimit"]) for j in jobs[comment(TIMED_OUT)]] == [("TIMEOUT", "00:01:00")]
+    assert [(j["state"], j["timelimit"]) for j in jobs[comment(TIMED_OUT)]] == [("TIMEOUT", "1")]
     for path in (CANCELLED, TIMED_OUT):
         assert not (repo / path).exists()
     assert not list((repo / "results").rglob("*.tmp"))
@@ -204,7 +204,7 @@ def test_slurm_run_failure_paths_and_rerun(cluster, repo):
     assert sorted(new) == sorted([comment(CANCELLED), comment(TIMED_OUT), "rule_table_wildcards_request_rate",
                                   "rule_figure_wildcards_latency_vs_rate"]), new
     assert all(j["state"] == "COMPLETED" for js in new.values() for j in js), new
-    assert new[comment(TIMED_OUT)][0]["timelimit"] == "00:10:00"
+    assert new[comment(TIMED_OUT)][0]["timelimit"] == "10"
     for path in (CANCELLED, TIMED_OUT):
         assert result.load(repo / path)["status"] == "ok"
 
