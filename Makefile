@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: smoke paper test test-docker test-vllm-image images gpu-wheels status
+.PHONY: smoke paper test test-docker test-vllm-image test-slurm images gpu-wheels status
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-docker: $(VENV)/.installed
 # separate CI job: the vLLM image builds from its lock and imports vllm (~5 min, ~11 GB)
 test-vllm-image: $(VENV)/.installed
 	KVSTUDY_REQUIRE_DOCKER=1 KVSTUDY_TEST_VLLM_IMAGE=1 $(BIN)/pytest tests/docker/test_vllm_image.py
+
+# separate CI job: the pipeline through SLURM on a one-node cluster the test starts on localhost
+# (tests/slurm; needs slurmctld slurmd slurm-client munge; ~6 min, mostly idle)
+test-slurm: $(VENV)/.installed
+	KVSTUDY_TEST_SLURM=1 KVSTUDY_REQUIRE_SLURM=1 $(BIN)/pytest tests/slurm
 
 # every framework image of a preset (runner=docker), without running cells
 images: $(VENV)/.installed

@@ -17,3 +17,4 @@ def test_slurm_profile_dry_run(repo_copy):
     counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", p.stdout, re.M)}
     assert counts["image"] == 5 and counts["image_sif"] == 4 and counts["run_cell"] > 100
     assert "slurm_partition=gpu" in p.stdout and "gpu=1" in p.stdout
+    assert "runtime=65" in p.stdout  # the cells' own limit: timeout_s 3600 + the launcher's 300 s

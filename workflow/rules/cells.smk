@@ -12,6 +12,7 @@ rule run_cell:
     threads: get_cell_threads
     resources:
         gpu=get_cell_gpus,
+        runtime=get_cell_runtime_min,
     params:
         spec=get_cell_spec,
         launch=get_launch_options,

@@ -1,4 +1,5 @@
 # Config -> cell table, and the input functions every rule uses.
+import math
 import shlex
 import sys
 import tempfile
@@ -76,11 +77,27 @@ def get_cell_spec(wildcards) -> str:
 
 def get_cell_threads(wildcards) -> int:
     threads = PRESET["cell_threads"]
-    return workflow.cores if threads == "all" else min(threads, workflow.cores)
+    # an executor plugin's run (SLURM) has no --cores: the job asks its scheduler for the threads
+    try:
+        cores = workflow.cores
+    except WorkflowError:
+        if threads == "all":
+            raise WorkflowError(
+                f"kvstudy: preset {config['preset']!r} has cell_threads: all (every core of this "
+                "machine), which a cluster cannot give; run it with --cores N, or set a number"
+            ) from None
+        return threads
+    return cores if threads == "all" else min(threads, cores)
 
 
 def get_cell_gpus(wildcards) -> int:
     return 1 if PRESET["device"] == "cuda" else 0
+
+
+def get_cell_runtime_min(wildcards) -> int:
+    # a scheduler's time limit (SLURM: sbatch -t): the cell's own limit plus the launcher's grace,
+    # so a slow cell ends as a `timeout` result, and only a hung job is killed by the scheduler
+    return math.ceil((get_cell(wildcards).timeout_s + launch.GRACE_S) / 60)
 
 
 def get_framework_code(wildcards) -> list[str]:
