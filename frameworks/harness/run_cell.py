@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             kill_group(proc)
             record = result.build(spec.to_dict(), spec.cell_id, "timeout",
                                   f"cell exceeded its time limit of {spec.timeout_s:g} s",
-                                  provenance.collect(spec.seed, with_gpu=False), started, now())
+                                  provenance.collect(spec.seed, with_gpu=False, gpu_memory_cap_gb=spec.gpu_memory_gb), started, now())
         else:
             if rc != 0 or not record_path.exists():
                 print(f"run-cell: the cell's process failed (exit {rc}); no result written", file=sys.stderr)

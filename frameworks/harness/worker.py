@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             status, message = "error", f"{type(e).__name__}: {e}"
     record = result.build(
-        spec.to_dict(), spec.cell_id, status, message, provenance.collect(spec.seed), started, now(),
+        spec.to_dict(), spec.cell_id, status, message, provenance.collect(spec.seed, gpu_memory_cap_gb=spec.gpu_memory_gb), started, now(),
         measurement if status == "ok" else None,
     )
     with open(args.record, "w") as f:

@@ -17,4 +17,4 @@ for ax, (metric, label) in zip(axes, panels):
     ax.set_xlabel("KV budget (fraction of the sequence)")
     ax.set_ylabel(label)
     P.finish(ax)
-P.save(fig, snakemake.output)  # noqa: F821
+P.save(fig, snakemake.output, df)  # noqa: F821
