@@ -83,3 +83,17 @@ def test_h200_preset_has_every_experiment_and_framework_of_paper():
     pairs = lambda cs: {(c.experiment, c.framework) for c in cs.values()}  # noqa: E731
     assert pairs(h200) == pairs(paper)
     assert len(h200) < len(paper) / 3
+
+
+def test_vllm_cell_without_vllm_is_a_result_not_a_crash():
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    from frameworks.harness.result import Unsupported
+    from frameworks.vllm import adapter
+
+    with pytest.raises(Unsupported, match="vLLM is not installed"):
+        adapter.run(next(c for c in cells().values() if c.framework == "vllm"))
