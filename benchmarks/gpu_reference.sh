@@ -28,8 +28,20 @@ export MPLCONFIGDIR=${MPLCONFIGDIR:-/tmp/kvstudy-mpl}
 if ! python3 -c "import snakemake, jsonschema" 2>/dev/null; then
     ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_reference: no Snakemake here and no wheels in .whl/ (run benchmarks/gpu_wheels.sh, carry .whl)" >&2; exit 2; }
     site=$(mktemp -d /tmp/kvstudy-site.XXXXXX)
-    python3 -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl || exit 2
-    export PYTHONPATH="$PYTHONPATH:$site" # after the image's own packages: the wheels only fill gaps
+    # only the distributions the image lacks: PYTHONPATH would shadow the image's own (torch's stack)
+    missing=$(python3 - .whl/*.whl <<'PY'
+import sys
+from importlib import metadata
+for w in sys.argv[1:]:
+    try:
+        metadata.distribution(w.rsplit("/", 1)[-1].split("-")[0])
+    except metadata.PackageNotFoundError:
+        print(w)
+PY
+)
+    python3 -m pip install -q --no-index --no-deps --target "$site" $missing || exit 2
+    export PYTHONPATH="$PYTHONPATH:$site"
+    mkdir -p results/run && printf '%s\n' $missing > results/run/wheels-installed.txt
 fi
 # KVSTUDY_ALLOW_CPU=1: the same steps on a CPU preset (how this script is checked without a GPU)
 python3 -c "import snakemake, jsonschema, torch; assert torch.cuda.is_available() or '${KVSTUDY_ALLOW_CPU:-0}' == '1', 'no CUDA GPU visible'" || exit 2
@@ -70,7 +82,7 @@ cat > "$run/call$call.json" <<EOF
  "started_at": "$(date -u -d @"$t0" +%FT%TZ)", "ended_at": "$(date -u +%FT%TZ)"}
 EOF
 # per-cell wall times -> the estimate for the full paper preset (also in the tar)
-python3 benchmarks/time_model.py --cells results/cells --logs logs/benchmarks/cells --gpus 1 2 4 8 \
+python3 benchmarks/time_model.py --cells results/cells --logs logs/benchmarks/cells --gpus 1 2 4 8 --json "$run/time_model.json" \
     > "$run/time_model.txt" 2>&1 || true
 cat "$run/time_model.txt"
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Wheels for benchmarks/gpu_two_cells.sh on a GPU machine without network or Snakemake:
-# snakemake (the host pin) and its whole dependency closure for CPython 3.12 on Linux x86_64,
-# into .whl/ (git-ignored; carry it to the machine). Needs uv (pip install uv==0.13.9) and PyPI.
+# Wheels for benchmarks/gpu_reference.sh and gpu_two_cells.sh on a GPU machine without network or
+# Snakemake: snakemake and jsonschema (the host pins; the GPU image has neither) and their whole
+# dependency closure for CPython 3.12 on Linux x86_64, into .whl/ (git-ignored; carry it to the
+# machine). Needs uv (pip install uv==0.13.9) and PyPI.
 # A dependency published only as an sdist (connection_pool) is pure Python: built into a wheel here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-pin=$(sed -n 's/^ *"\(snakemake==[^"]*\)",*/\1/p' pyproject.toml)
+pins=$(sed -n 's/^ *"\(\(snakemake\|jsonschema\)==[^"]*\)",*/\1/p' pyproject.toml)
 rm -rf .whl && mkdir .whl
-echo "$pin" > .whl/requirements.in
+echo "$pins" > .whl/requirements.in
 uv pip compile .whl/requirements.in --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
     --index-url https://pypi.org/simple --no-header --no-annotate --quiet --output-file .whl/requirements.txt
 while read -r req; do

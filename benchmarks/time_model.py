@@ -10,8 +10,8 @@ prompt tokens, same framework, model and prefill mode). Decode: the measured TPO
 batch sizes (interpolated in log2 batch). Request-rate cells: the longer of the arrival span and the
 batches' service time. A cell predicted out of memory (a measured cell of the same framework, model,
 prefill mode and GPU-memory cap ran out with fewer tokens) costs its start-up only. A model without
-measurements scales from the nearest measured one by parameter count. Cells of a framework with no
-measured cell are listed, not guessed. G GPUs: longest-first list scheduling of the estimates.
+measurements scales from the nearest measured one by parameter count (within 10x). Cells of a
+framework (or model size) with no measured cell are listed, not guessed. G GPUs: longest-first list scheduling of the estimates.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ class Model:
         if not cands:
             return None
         near = min(cands, key=lambda m: abs(math.log(n_params(m) / n_params(model))))
-        return near, n_params(model) / n_params(near)
+        scale = n_params(model) / n_params(near)
+        return (near, scale) if 0.1 <= scale <= 10 else None  # beyond 10x: no basis for a guess
 
     def _ok(self, fw, model, **match):
         return [o for o in self.obs if o["framework"] == fw and o["model"] == model and o["status"] == "ok"
@@ -224,7 +225,8 @@ def main(argv=None) -> int:
         print(f"  on {g} GPU{'s' if g > 1 else ' '}: {span[g] / 3600:5.2f} h")
     if missing:
         fws = sorted({cells[p].framework for p in missing})
-        print(f"  not estimated ({len(missing)} cells; no measured cell of {', '.join(fws)}): not in the totals")
+        print(f"  not estimated ({len(missing)} cells of {', '.join(fws)}: no measured cell of that framework "
+              "and model size): not in the totals")
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "cells": len(cells), "estimated_s": {p: t for p, (_, t, _) in est.items()},
                                          "makespan_s": span, "not_estimated": missing}, indent=1))
