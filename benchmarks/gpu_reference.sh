@@ -41,6 +41,11 @@ PY
 )
     python3 -m pip install -q --no-index --no-deps --target "$site" $missing || exit 2
     export PYTHONPATH="$PYTHONPATH:$site"
+    if ! python3 -c "import jsonschema, snakemake.api" 2>/dev/null; then
+        # an image package too old for Snakemake: all the wheels, as gpu_two_cells.sh ran them on this image
+        python3 -m pip install -q --no-index --no-deps --upgrade --target "$site" .whl/*.whl || exit 2
+        missing=$(ls .whl/*.whl)
+    fi
     mkdir -p results/run && printf '%s\n' $missing > results/run/wheels-installed.txt
 fi
 # KVSTUDY_ALLOW_CPU=1: the same steps on a CPU preset (how this script is checked without a GPU)
