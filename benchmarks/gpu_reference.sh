@@ -11,7 +11,7 @@
 #   OUT=/tmp/out bash benchmarks/gpu_reference.sh     # carry: .whl (+ results/cells results/run results/logs)
 # Writes ONE file, $OUT/reference-<preset>-call<N>.tar.gz, holding what results/reference/<gpu>-<date>/
 # ships: cells/ tables/ figures/ logs/ and run/ (command, per-call wall time, snakemake log,
-# nvidia-smi, pip freeze, git commit, time model). Exit 0: the run is complete; 3: stopped by the
+# nvidia-smi, pip freeze, git commit, time model, cap check). Exit 0: the run is complete; 3: stopped by the
 # deadline, run again with the cells carried; anything else: a failure (see run/snakemake-call<N>.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,6 +90,9 @@ EOF
 python3 benchmarks/time_model.py --cells results/cells --logs logs/benchmarks/cells --gpus 1 2 4 8 --json "$run/time_model.json" \
     > "$run/time_model.txt" 2>&1 || true
 cat "$run/time_model.txt"
+# the cap: where eager prefill ran out of memory, and no allocator peak above the cap
+python3 benchmarks/check_cap.py results/cells > "$run/cap_check.txt" 2>&1 || true
+cat "$run/cap_check.txt"
 
 stage=$(mktemp -d /tmp/kvstudy-ref.XXXXXX)
 for d in cells tables figures run; do [ -d "results/$d" ] && cp -r "results/$d" "$stage/$d"; done

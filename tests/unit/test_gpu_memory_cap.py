@@ -97,3 +97,22 @@ def test_vllm_cell_without_vllm_is_a_result_not_a_crash():
 
     with pytest.raises(Unsupported, match="vLLM is not installed"):
         adapter.run(next(c for c in cells().values() if c.framework == "vllm"))
+
+
+def test_cap_check_reports_the_boundary_and_a_peak_over_the_cap(tmp_path):
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec_ = importlib.util.spec_from_file_location("check_cap", REPO / "benchmarks" / "check_cap.py")
+    cc = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(cc)
+    ref = REPO / "results/reference/h100-2026-11-28/infinigen-triton/cells"
+    for name, cap in [("prompt_eager_8192", 85.0), ("prompt_eager_16384", 85.0), ("prompt_eager_12288", 60.0)]:
+        cell = json.loads((ref / f"{name}.json").read_text())
+        cell["spec"].update(experiment="ttft_prompt", gpu_memory_gb=cap)
+        (tmp_path / f"{name}.json").write_text(json.dumps(cell))
+    lines, over = cc.check(tmp_path)
+    assert any("cap 85.0 GB: 8192: ok (38.6 GB), 16384: oom" in line for line in lines), lines
+    assert len(over) == 1 and "prompt_eager_12288" in over[0]  # 65.9 GB under a 60 GB cap
+    assert cc.main([str(tmp_path)]) == 1
