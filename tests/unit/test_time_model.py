@@ -53,3 +53,13 @@ def test_cli_estimates_paper_and_lists_what_it_cannot(tmp_path, capsys):
     assert all("/vllm/" in p or "/h2o/" in p for p in est["not_estimated"])
     assert "not estimated" in capsys.readouterr().out
     assert tm.main(["--cells", str(tmp_path / "nothing")]) == 2
+
+
+def test_snakemake_benchmark_wall_time_is_preferred(tmp_path):
+    cells, logs = tmp_path / "cells" / "batch", tmp_path / "logs" / "batch"
+    cells.mkdir(parents=True)
+    logs.mkdir(parents=True)
+    (cells / "c.json").write_text((CELLS / "batch_hf_bs8.json").read_text())
+    (logs / "c.tsv").write_text("s\th:m:s\tmax_rss\n31.5\t0:00:31\t900\n")
+    (o,) = tm.observations(tmp_path / "cells", tmp_path / "logs")
+    assert o["wall_s"] == 31.5 and o["overhead_s"] > 25  # the job's start-up, beyond what the cell timed
