@@ -20,6 +20,9 @@ PRESET=${PRESET:-h200}
 DEADLINE_S=${DEADLINE_S:-480}
 OUT=${OUT:-benchmarks/out/reference}
 EXTRA_CONFIG=${EXTRA_CONFIG:-} # more --config keys, e.g. "gpu_memory_gb=off"
+# first the cells of this target (the memory boundaries, what the cap is for); "" for Snakemake's order
+PRIORITIZE=${PRIORITIZE-results/tables/ttft_prompt.csv}
+case "$EXTRA_CONFIG" in *experiments=*) [[ "$EXTRA_CONFIG" == *ttft_prompt* ]] || PRIORITIZE="" ;; esac # not in the DAG
 mkdir -p "$OUT" results/run logs
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MPLCONFIGDIR=${MPLCONFIGDIR:-/tmp/kvstudy-mpl}
@@ -64,10 +67,10 @@ cells_before=$(find results/cells -name '*.json' 2>/dev/null | wc -l)
 # Resume: cells carried from the last call have the copy's mtimes, and .snakemake/ (the metadata of
 # params and code) does not travel, so the mtime trigger is left out: a cell that exists is kept;
 # one missing (or interrupted: written only when complete) runs. Same commit in every call (run/call*.json).
-cmd=(python3 -m snakemake --cores all --config "preset=$PRESET" runner=local $EXTRA_CONFIG
-     --rerun-triggers params input code software-env)
+cmd=(python3 -m snakemake --cores all ${PRIORITIZE:+--prioritize "$PRIORITIZE"} --config "preset=$PRESET" runner=local
+     $EXTRA_CONFIG --rerun-triggers params input code software-env)
 printf '%q ' "${cmd[@]}" > "$run/command.txt"; echo >> "$run/command.txt"
-echo "(through: OUT=$OUT PRESET=$PRESET DEADLINE_S=$DEADLINE_S bash benchmarks/gpu_reference.sh, at git $commit)" >> "$run/command.txt"
+echo "(through: OUT=$OUT PRESET=$PRESET DEADLINE_S=$DEADLINE_S EXTRA_CONFIG='$EXTRA_CONFIG' PRIORITIZE='$PRIORITIZE' bash benchmarks/gpu_reference.sh, at git $commit)" >> "$run/command.txt"
 python3 -m snakemake --unlock --cores 1 --config "preset=$PRESET" runner=local $EXTRA_CONFIG >/dev/null 2>&1
 left=$(( DEADLINE_S - ($(date +%s) - t0) ))
 s0=$(date +%s)
