@@ -75,6 +75,8 @@ def test_table_and_figure_say_which_cap_applied(tmp_path):
     assert plotting.memory_note(df) == "GPU memory capped at 85 GB per cell (NVIDIA H200 of 150.1 GB)"
     assert plotting.memory_note(df.assign(gpu_memory_gb=None)) == "GPU memory: the whole card (NVIDIA H200 of 150.1 GB)"
     assert plotting.memory_note(df.assign(device="cpu")) is None
+    mixed = pd.concat([df, df.assign(gpu_memory_gb=None)])
+    assert plotting.memory_note(mixed).startswith("GPU memory capped at 85 GB per cell; some cells uncapped")
 
 
 def test_h200_preset_has_every_experiment_and_framework_of_paper():

@@ -93,7 +93,8 @@ def memory_note(df: pd.DataFrame) -> str | None:
     caps = sorted(df["gpu_memory_gb"].dropna().unique()) if "gpu_memory_gb" in df else []
     if not caps:
         return f"GPU memory: the whole card ({card})"
-    return f"GPU memory capped at {' / '.join(f'{c:g}' for c in caps)} GB per cell ({card})"
+    some = "; some cells uncapped" if df["gpu_memory_gb"].isna().any() else ""
+    return f"GPU memory capped at {' / '.join(f'{c:g}' for c in caps)} GB per cell{some} ({card})"
 
 
 def save(fig, outputs, df: pd.DataFrame | None = None) -> None:
