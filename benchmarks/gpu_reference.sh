@@ -71,12 +71,19 @@ cmd=(python3 -m snakemake --cores all ${PRIORITIZE:+--prioritize "$PRIORITIZE"} 
      $EXTRA_CONFIG --rerun-triggers params input code software-env)
 printf '%q ' "${cmd[@]}" > "$run/command.txt"; echo >> "$run/command.txt"
 echo "(through: OUT=$OUT PRESET=$PRESET DEADLINE_S=$DEADLINE_S EXTRA_CONFIG='$EXTRA_CONFIG' PRIORITIZE='$PRIORITIZE' bash benchmarks/gpu_reference.sh, at git $commit)" >> "$run/command.txt"
-python3 -m snakemake --unlock --cores 1 --config "preset=$PRESET" runner=local $EXTRA_CONFIG >/dev/null 2>&1
+# a lock left by a call killed past its grace (a warm machine keeps .snakemake/)
+if [ -n "$(ls -A .snakemake/locks 2>/dev/null)" ]; then
+    python3 -m snakemake --unlock --cores 1 --config "preset=$PRESET" runner=local $EXTRA_CONFIG >/dev/null 2>&1
+fi
 left=$(( DEADLINE_S - ($(date +%s) - t0) ))
 s0=$(date +%s)
 # SIGINT: Snakemake stops its jobs (run-cell writes nothing for a cell it did not finish) and exits
-timeout --signal=INT --kill-after=40 "$left" "${cmd[@]}" > "$run/snakemake-call$call.log" 2>&1
-rc=$?
+if [ "$left" -ge 1 ]; then
+    timeout --signal=INT --kill-after=40 "$left" "${cmd[@]}" > "$run/snakemake-call$call.log" 2>&1
+    rc=$?
+else  # the deadline passed while setting up: nothing started, as if stopped at once
+    echo "gpu_reference: deadline reached before Snakemake started" > "$run/snakemake-call$call.log"; rc=124
+fi
 s1=$(date +%s)
 tail -n 25 "$run/snakemake-call$call.log"
 cells_after=$(find results/cells -name '*.json' 2>/dev/null | wc -l)
