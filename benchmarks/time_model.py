@@ -8,8 +8,9 @@ cell timed itself, median per framework and model) + (warmup + repetitions) pref
 steps. Prefill: the measured prompt tokens per second of the nearest measured prompt size (batch ×
 prompt tokens, same framework, model and prefill mode). Decode: the measured TPOT at the nearest
 batch sizes (interpolated in log2 batch). Request-rate cells: the longer of the arrival span and the
-batches' service time. A cell predicted out of memory (a measured cell of the same framework, model,
-prefill mode and GPU-memory cap ran out with fewer tokens) costs its start-up only. A model without
+batches' service time. A cell predicted out of memory (a measured cell of the same framework, model
+and prefill mode, with as much GPU memory, ran out at no larger a batch x prompt, x prompt again for
+eager prefill's attention scores) costs what such a cell took. A model without
 measurements scales from the nearest measured one by parameter count (within 10x). Cells of a
 framework (or model size) with no measured cell are listed, not guessed. G GPUs: longest-first list scheduling of the estimates.
 """
@@ -41,6 +42,12 @@ def n_params(model: str) -> float:
     return layers * (attn + 3 * h * inter * experts) + 2 * c["vocab_size"] * h
 
 
+def mem_size(prefill: str, batch: int, prompt_len: int) -> int:
+    """What a cell's peak memory grows with: eager prefill materialises batch x L x L attention
+    scores; the other modes hold batch x L tokens of KV and activations."""
+    return batch * prompt_len * (prompt_len if prefill == "eager" else 1)
+
+
 def _bench_wall(logs: Path | None, cell: Path, cells_root: Path) -> float | None:
     """Snakemake's `benchmark:` wall time of the job (the whole job, process start included)."""
     if logs is None:
@@ -56,6 +63,8 @@ def observations(cells_root: Path, logs: Path | None) -> list[dict]:
     obs = []
     for path in sorted(cells_root.rglob("*.json")):
         r = json.loads(path.read_text())
+        if isinstance(r, dict) and isinstance(r.get("record"), dict):
+            r = r["record"]  # benchmarks/gpu_h2o.py wraps each cell's result
         if not isinstance(r, dict) or not {"spec", "status", "started_at", "ended_at"} <= set(r):
             continue  # not a cell result
         sp, s, ex = r["spec"], r.get("summary") or {}, r.get("extra") or {}
@@ -64,6 +73,7 @@ def observations(cells_root: Path, logs: Path | None) -> list[dict]:
             wall = (datetime.fromisoformat(r["ended_at"]) - datetime.fromisoformat(r["started_at"])).total_seconds()
         o = {"path": str(path), "framework": sp["framework"], "model": sp["model"], "prefill": sp["prefill"],
              "batch": sp["batch_size"], "tokens": sp["batch_size"] * sp["prompt_len"], "status": r["status"],
+             "size": mem_size(sp["prefill"], sp["batch_size"], sp["prompt_len"]),
              "cap": sp.get("gpu_memory_gb"), "wall_s": wall, "rate": sp.get("request_rate") is not None, "spec": sp}
         if r["status"] == "ok":
             step = s["tpot_ms"]["mean"] / 1e3 if s.get("tpot_ms") else 0.0
@@ -144,12 +154,12 @@ class Model:
                 by_batch.setdefault(o["batch"], []).append(o["step_s"])
         return _interp({b: statistics.median(v) for b, v in by_batch.items()}, batch)
 
-    def predicts_oom(self, fw, model, prefill, tokens, cap) -> bool:
-        """A measured cell with as much memory or more (an uncapped one counts as more) ran out with
-        no more tokens."""
-        ooms = [o["tokens"] for o in self.obs if (o["framework"], o["model"], o["prefill"], o["status"])
+    def predicts_oom(self, fw, model, prefill, size, cap) -> bool:
+        """A measured cell with as much memory or more (an uncapped one counts as more) ran out at no
+        larger a size (mem_size)."""
+        ooms = [o["size"] for o in self.obs if (o["framework"], o["model"], o["prefill"], o["status"])
                 == (fw, model, prefill, "oom") and (o["cap"] is None or cap is not None and o["cap"] >= cap)]
-        return bool(ooms) and tokens >= min(ooms)
+        return bool(ooms) and size >= min(ooms)
 
     def estimate(self, spec) -> tuple[float, str] | None:
         """(seconds, status predicted) for one cell, or None without a measurement of its framework."""
@@ -159,7 +169,7 @@ class Model:
         model, scale = proxy
         fw, B, L, gen = spec.framework, spec.batch_size, spec.prompt_len, spec.gen_len
         grow = scale if scale > 1 else 1.0  # a larger model takes longer to build; a smaller one still imports
-        if self.predicts_oom(fw, spec.model, spec.prefill, B * L, spec.gpu_memory_gb):
+        if self.predicts_oom(fw, spec.model, spec.prefill, mem_size(spec.prefill, B, L), spec.gpu_memory_gb):
             return self.failed_s(fw, model, B) * grow, "oom"
         start = self.overhead(fw, model, B) * grow
         pre, step = self.prefill_s(fw, model, spec.prefill, B * L) * scale, self.step_s(fw, model, B) * scale
