@@ -37,6 +37,8 @@ def test_out_of_memory_boundary_is_kept_under_a_cap(model):
          "batch_size": 1, "gen_len": 1, "gpu_memory_gb": 85.0}
     assert model.estimate(CellSpec.from_dict({**d, "prompt_len": 32768}))[1] == "oom"
     assert model.estimate(CellSpec.from_dict({**d, "prompt_len": 8192}))[1] == "ok"
+    # as many tokens as the 16K cell that ran out, but batch 8 x 2048: an eighth of its attention scores
+    assert model.estimate(CellSpec.from_dict({**d, "prompt_len": 2048, "batch_size": 8}))[1] == "ok"
     assert model.estimate(CellSpec.from_dict({**d, "framework": "h2o", "prompt_len": 8192})) is None  # no h2o cell
 
 
