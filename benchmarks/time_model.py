@@ -238,7 +238,8 @@ def main(argv=None) -> int:
         print(f"  not estimated ({len(missing)} cells of {', '.join(fws)}: no measured cell of that framework "
               "and model size): not in the totals")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "cells": len(cells), "estimated_s": {p: t for p, (_, t, _) in est.items()},
+        args.json.write_text(json.dumps({"preset": args.preset, "cells": len(cells),
+                                         "estimated_s": {p: t for p, (_, t, _) in est.items()},
                                          "makespan_s": span, "not_estimated": missing}, indent=1))
     return 0
 

@@ -30,6 +30,7 @@ def row(path: str) -> dict:
     out.update({k: summary.get(k) for k in SCALAR_METRICS})
     extra = res.get("extra") or {}
     out.update({k: extra.get(k) for k in EXTRA_METRICS})
-    out.update({"gpu_name": prov.get("gpu_name"), "gpu_total_mem_gb": prov.get("gpu_total_mem_gb"), "git_commit": (prov.get("git") or {}).get("commit"),
+    out.update({"gpu_name": prov.get("gpu_name"), "gpu_total_mem_gb": prov.get("gpu_total_mem_gb"),
+                "git_commit": (prov.get("git") or {}).get("commit"),
                 "image_id": prov.get("image_id"), "path": path})
     return out
