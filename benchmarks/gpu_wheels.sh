@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Wheels for benchmarks/gpu_two_cells.sh on a GPU machine without network or Snakemake:
-# snakemake (the host pin) and its whole dependency closure for CPython 3.12 on Linux x86_64,
-# into .whl/ (git-ignored; carry it to the machine). Needs uv (pip install uv==0.13.9) and PyPI.
+# Wheels for benchmarks/gpu_reference.sh and gpu_two_cells.sh on a GPU machine without network or
+# Snakemake: snakemake and jsonschema (the host pins; the GPU image has neither) and their whole
+# dependency closure for CPython 3.12 on Linux x86_64, into .whl/ (git-ignored; carry it to the
+# machine). Needs uv (pip install uv==0.13.9) and PyPI.
 # A dependency published only as an sdist (connection_pool) is pure Python: built into a wheel here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-pin=$(sed -n 's/^ *"\(snakemake==[^"]*\)",*/\1/p' pyproject.toml)
+pins=$(sed -n 's/^ *"\(\(snakemake\|jsonschema\)==[^"]*\)",*/\1/p' pyproject.toml)
 rm -rf .whl && mkdir .whl
-echo "$pin" > .whl/requirements.in
+echo "$pins" > .whl/requirements.in
 # the index pip is configured with (PIP_INDEX_URL or pip.conf: a mirror or proxy), so that uv and
 # the pip downloads below read the same one; none configured: uv's default (PyPI, or UV_INDEX_URL)
 index=${PIP_INDEX_URL:-$($py -m pip config get global.index-url 2>/dev/null || true)}

@@ -75,3 +75,25 @@ class MemoryMonitor:
 
                 out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / GB
         return out
+
+
+def cap_fraction(cap_gb: float | None, total_bytes: int) -> float:
+    """The share of the card a cap of cap_gb allows: 1.0 without a cap or with one above the card."""
+    if cap_gb is None:
+        return 1.0
+    return min(1.0, cap_gb * GB / total_bytes)
+
+
+def apply_gpu_cap(cap_gb: float | None) -> dict:
+    """Limit this process's PyTorch allocator to cap_gb of the current GPU (before any allocation).
+
+    torch's caching allocator then raises OutOfMemoryError past the cap exactly as it would on a
+    card of that size (the CUDA context, ~0.5 GB, lies outside both). Returns what applied.
+    """
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fraction = cap_fraction(cap_gb, total)
+    if cap_gb is not None:
+        torch.cuda.set_per_process_memory_fraction(fraction)
+    return {"gpu_memory_cap_gb": cap_gb, "gpu_total_mem_gb": total / GB, "gpu_memory_fraction": fraction}

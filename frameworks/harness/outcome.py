@@ -51,6 +51,6 @@ def run_and_record(spec, run, provenance=None) -> dict:
         measurement = None
         status, message = classify(e)
     if provenance is None:
-        provenance = prov.collect(spec.seed)
+        provenance = prov.collect(spec.seed, gpu_memory_cap_gb=getattr(spec, "gpu_memory_gb", None))
     return result.build(spec.to_dict(), spec.cell_id, status, message, provenance, started, now(),
                         measurement if status == "ok" else None)

@@ -38,7 +38,7 @@ def git_state() -> dict:
 
 
 def _gpu() -> dict:
-    info = {"gpu_name": None, "gpu_count": 0, "driver": None, "cuda": None}
+    info = {"gpu_name": None, "gpu_count": 0, "gpu_total_mem_gb": None, "driver": None, "cuda": None}
     try:
         import torch
     except ImportError:
@@ -47,6 +47,7 @@ def _gpu() -> dict:
     if torch.cuda.is_available():
         info["gpu_name"] = torch.cuda.get_device_name()
         info["gpu_count"] = torch.cuda.device_count()
+        info["gpu_total_mem_gb"] = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
         try:
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -58,10 +59,12 @@ def _gpu() -> dict:
     return info
 
 
-def collect(seed: int, with_gpu: bool = True) -> dict:
+def collect(seed: int, with_gpu: bool = True, gpu_memory_cap_gb: float | None = None) -> dict:
+    """gpu_memory_cap_gb: the cell's cap (its spec's gpu_memory_gb), beside the card's own memory."""
     return {
         "versions": {p: _version(p) for p in PACKAGES} | {"python": platform.python_version()},
         **(_gpu() if with_gpu else {}),
+        "gpu_memory_cap_gb": gpu_memory_cap_gb,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "image_id": os.environ.get("KVSTUDY_IMAGE_ID"),
         "git": git_state(),

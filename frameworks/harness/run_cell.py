@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             line.release()
             record = result.build(spec.to_dict(), spec.cell_id, "timeout",
                                   f"cell exceeded its time limit of {spec.timeout_s:g} s",
-                                  provenance.collect(spec.seed, with_gpu=False), started, now())
+                                  provenance.collect(spec.seed, with_gpu=False, gpu_memory_cap_gb=spec.gpu_memory_gb), started, now())
         else:
             line.release()
             if rc != 0 or not record_path.exists():

@@ -46,6 +46,10 @@ class CellSpec:
     dtype: str = "bfloat16"
     weights: str = "random"  # random | local path | hub id
     timeout_s: float = 3600.0
+    # GPU memory the cell may use, GB (1e9 bytes); None: the whole card. A run condition of the
+    # preset (config key gpu_memory_gb), not a sweep axis: on a larger card it brings back the
+    # out-of-memory boundaries of the paper's smaller one (frameworks/harness/memory.py)
+    gpu_memory_gb: float | None = None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -68,6 +72,8 @@ class CellSpec:
         d = asdict(self)
         if d["request_rate"] is not None and math.isinf(d["request_rate"]):
             d["request_rate"] = "inf"
+        if d["gpu_memory_gb"] is None:  # uncapped: the spec (and so the cell's params) as before caps existed
+            del d["gpu_memory_gb"]
         return d
 
     def to_json(self) -> str:
@@ -141,6 +147,10 @@ class CellSpec:
              f"prefill=flash on CUDA needs dtype bfloat16 or float16 ({fw.name} runs torch's flash-attention kernel, "
              "which has no float32 version); use prefill=sdpa for float32")
         need(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if self.gpu_memory_gb is not None:
+            need(isinstance(self.gpu_memory_gb, (int, float)) and not isinstance(self.gpu_memory_gb, bool)
+                 and self.gpu_memory_gb > 0, f"gpu_memory_gb must be a number > 0 (GB) or null, got {self.gpu_memory_gb!r}")
+            need(self.device == "cuda", "gpu_memory_gb caps GPU memory: it applies to device cuda only")
         if self.is_rate_cell:
             need(self.request_rate > 0, f"request_rate must be > 0 (or inf), got {self.request_rate!r}")
             need(isinstance(self.num_requests, int) and self.num_requests >= 1, "request-rate cells need num_requests >= 1")

@@ -6,7 +6,7 @@ import time
 
 from frameworks import models
 from frameworks.harness import driver, workload
-from frameworks.harness.memory import MemoryMonitor
+from frameworks.harness.memory import MemoryMonitor, apply_gpu_cap
 from frameworks.harness.result import Measurement
 
 
@@ -17,6 +17,7 @@ def run_engine_cell(spec, policy_cls) -> Measurement:
 
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("this cell needs a CUDA GPU and none is visible (use a CPU preset such as `smoke`)")
+    cap = apply_gpu_cap(spec.gpu_memory_gb) if spec.device == "cuda" else {}
     torch.manual_seed(spec.seed)
     policy = policy_cls(spec)
     t0 = time.perf_counter()
@@ -44,6 +45,7 @@ def run_engine_cell(spec, policy_cls) -> Measurement:
                 t, d = driver.run_offline(engine, prompts, spec.gen_len, rep)
             timings += t
             durations.append(d)
-    extra = {"model_build_s": build_s, "warmup_s": warmup_s, "attn_implementation": model.config._attn_implementation}
+    extra = {"model_build_s": build_s, "warmup_s": warmup_s, "attn_implementation": model.config._attn_implementation,
+             **cap}
     extra.update(policy.metrics())
     return Measurement(timings, durations, mon.result(), engine.kv_bytes_peak, extra)

@@ -18,13 +18,17 @@ import numpy as np
 from frameworks import models
 from frameworks.harness import workload
 from frameworks.harness.memory import MemoryMonitor
-from frameworks.harness.result import Measurement
+from frameworks.harness.result import Measurement, Unsupported
 from frameworks.vllm import VERSION, engine_args, failures, nvml, offline, online
 from frameworks.vllm.mapping import cache_config_info, metrics_delta
 
 
 def check_version() -> str:
-    import vllm
+    try:
+        import vllm
+    except ImportError:  # runner local in an environment without vLLM (e.g. a GPU image with torch only): a result
+        raise Unsupported(f"vLLM is not installed in this environment: install vLLM {VERSION} "
+                          "(containers/vllm/requirements.in) or run with runner=docker") from None
 
     if vllm.__version__ != VERSION:
         raise RuntimeError(f"the vllm adapter is written for vLLM {VERSION}, this environment has "
@@ -48,7 +52,8 @@ def run(spec) -> Measurement:
     config = models.config_dict(spec.model)
     prompts, arrivals = requests_for(spec)
     with tempfile.TemporaryDirectory(prefix="kvstudy-vllm-") as td, failures.StderrTail() as tail:
-        kwargs = engine_args.engine_kwargs(spec, engine_args.write_model_dir(spec.model, td))
+        total = nvml.device_total_bytes() if spec.gpu_memory_gb is not None else None
+        kwargs = engine_args.engine_kwargs(spec, engine_args.write_model_dir(spec.model, td), total)
         cell = _Cell(spec, kwargs, config, prompts)
         try:
             if spec.is_rate_cell:

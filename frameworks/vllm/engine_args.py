@@ -75,8 +75,21 @@ def token_budget(spec) -> int:
     return max(max_model_len(spec), DEFAULT_TOKEN_BUDGET)
 
 
-def engine_kwargs(spec, model_dir: str | Path) -> dict:
-    """Keyword arguments of vllm.EngineArgs / vllm.LLM / AsyncEngineArgs for this cell."""
+def gpu_memory_utilization(spec, device_total_bytes: int | None) -> float:
+    """vLLM's share of the card (0.9 unless the policy sets it), of the cell's GPU-memory cap
+    when there is one: u x cap / total, so that vLLM sizes its KV pool as on a card of the cap's size."""
+    util = float(spec.policy.get("gpu_memory_utilization", 0.9))
+    cap_gb = getattr(spec, "gpu_memory_gb", None)
+    if cap_gb is None:
+        return util
+    if not device_total_bytes:
+        raise ValueError("a GPU-memory cap (gpu_memory_gb) needs the card's total memory")
+    return util * min(1.0, cap_gb * 1e9 / device_total_bytes)
+
+
+def engine_kwargs(spec, model_dir: str | Path, device_total_bytes: int | None = None) -> dict:
+    """Keyword arguments of vllm.EngineArgs / vllm.LLM / AsyncEngineArgs for this cell.
+    device_total_bytes: the card's memory, needed when the cell has a GPU-memory cap."""
     policy = spec.policy
     random_weights = spec.weights == "random"
     kw = {
@@ -91,7 +104,7 @@ def engine_kwargs(spec, model_dir: str | Path) -> dict:
         "max_num_batched_tokens": token_budget(spec),
         "enable_chunked_prefill": True,  # what V1 uses whatever is passed; explicit for the record
         "enable_prefix_caching": False,  # random prompts share no prefix; keep the cache honest
-        "gpu_memory_utilization": float(policy.get("gpu_memory_utilization", 0.9)),
+        "gpu_memory_utilization": gpu_memory_utilization(spec, device_total_bytes),
         "enforce_eager": bool(policy.get("enforce_eager", False)),  # False: CUDA graphs
         "disable_log_stats": False,  # Prometheus metrics: preemptions, vLLM's own latencies
     }

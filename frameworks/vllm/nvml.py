@@ -16,12 +16,23 @@ def nvml_index(visible: str | None) -> tuple[str, str]:
     return ("index", first) if first.isdigit() else ("uuid", first)
 
 
-def device_used_fn():
-    """A function returning the bytes in use on this process's first visible GPU."""
+def _handle():
     from vllm.third_party import pynvml
 
     pynvml.nvmlInit()
     kind, value = nvml_index(os.environ.get("CUDA_VISIBLE_DEVICES"))
     handle = (pynvml.nvmlDeviceGetHandleByIndex(int(value)) if kind == "index"
               else pynvml.nvmlDeviceGetHandleByUUID(value))
+    return pynvml, handle
+
+
+def device_used_fn():
+    """A function returning the bytes in use on this process's first visible GPU."""
+    pynvml, handle = _handle()
     return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+
+def device_total_bytes() -> int:
+    """The memory of this process's first visible GPU (a GPU-memory cap is a share of it)."""
+    pynvml, handle = _handle()
+    return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)

@@ -106,6 +106,7 @@ def build_cells(config: dict, preset: dict) -> dict[str, CellSpec]:
     for m in model_filter:
         _known_model(m, "config models")
 
+    cap_gb = gpu_memory_cap(config, preset)
     cells: dict[str, CellSpec] = {}
     for exp_name, exp in preset["experiments"].items():
         if exp_filter and exp_name not in exp_filter:
@@ -132,6 +133,7 @@ def build_cells(config: dict, preset: dict) -> dict[str, CellSpec]:
                 for point in itertools.product(*sweep.values()):
                     d = {**params, "experiment": exp_name, "framework": fw, "model": model,
                          "device": preset["device"], "dtype": preset["dtype"]}
+                    d["gpu_memory_gb"] = cap_gb
                     for axis, value in zip(sweep, point):
                         if axis.startswith("policy."):  # one key of the framework's policy
                             d["policy"] = {**(d.get("policy") or {}), axis.removeprefix("policy."): value}
@@ -145,6 +147,16 @@ def build_cells(config: dict, preset: dict) -> dict[str, CellSpec]:
     if not cells:
         raise ConfigError("the config selects no cell: check the frameworks / models / experiments filters")
     return cells
+
+
+def gpu_memory_cap(config: dict, preset: dict) -> float | None:
+    """The GPU-memory cap of every cell, GB: the config's override (`off`: none), else the preset's."""
+    override = config.get("gpu_memory_gb")
+    cap = preset.get("gpu_memory_gb") if override is None else (None if override == "off" else override)
+    if cap is not None and preset["device"] != "cuda":
+        raise ConfigError(f"gpu_memory_gb {cap}: preset {config['preset']!r} runs on {preset['device']}; "
+                          "a GPU-memory cap applies to cuda presets only")
+    return None if cap is None else float(cap)
 
 
 def _known_model(name: str, where: str) -> None:

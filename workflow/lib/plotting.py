@@ -85,7 +85,24 @@ def by_model(df: pd.DataFrame, ncols_max: int = 3, height: float = 3.0):
     return fig, list(zip(model_names, axes.flat))
 
 
-def save(fig, outputs) -> None:
+def memory_note(df: pd.DataFrame) -> str | None:
+    """Which GPU-memory cap the figure's cells ran under, and on which card (None on CPU runs)."""
+    if df["device"].ne("cuda").all():
+        return None
+    card = ", ".join(sorted(df["gpu_name"].dropna().unique())) or "GPU"
+    total = df["gpu_total_mem_gb"].dropna() if "gpu_total_mem_gb" in df else pd.Series(dtype=float)
+    card += f" of {total.max():.1f} GB" if len(total) else ""
+    caps = sorted(df["gpu_memory_gb"].dropna().unique()) if "gpu_memory_gb" in df else []
+    if not caps:
+        return f"GPU memory: the whole card ({card})"
+    some = "; some cells uncapped" if df["gpu_memory_gb"].isna().any() else ""
+    return f"GPU memory capped at {' / '.join(f'{c:g}' for c in caps)} GB per cell{some} ({card})"
+
+
+def save(fig, outputs, df: pd.DataFrame | None = None) -> None:
+    note = memory_note(df) if df is not None else None
+    if note:  # where the out-of-memory points come from
+        fig.text(0.5, 0, note, ha="center", va="top", fontsize=6, color="0.35")
     for path in (outputs.pdf, outputs.png):
         fig.savefig(path)
     plt.close(fig)
@@ -111,4 +128,4 @@ def lines_per_model(df: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, 
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         finish(ax, model)
-    save(fig, outputs)
+    save(fig, outputs, df)

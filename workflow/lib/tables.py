@@ -8,7 +8,8 @@ from frameworks.harness import result as cell_result
 from frameworks.harness.metrics import LATENCY_METRICS, STAT_KEYS
 
 SPEC_COLUMNS = ("experiment", "framework", "model", "batch_size", "prompt_len", "gen_len", "kv_budget", "prefill",
-                "chunk_size", "request_rate", "num_requests", "burstiness", "repetitions", "seed", "device", "dtype")
+                "chunk_size", "request_rate", "num_requests", "burstiness", "repetitions", "seed", "device", "dtype",
+                "gpu_memory_gb")
 # KV-policy measurements (frameworks' `extra`; empty where a framework has none): InfiniGen's traffic
 EXTRA_METRICS = ("fetched_tokens_per_step", "fetched_tokens_per_seq_layer_speculated", "fetched_bytes_per_step",
                  "selected_bytes_per_step", "h2d_bandwidth_gbps", "gather_ms_per_step", "host_kv_bytes")
@@ -29,6 +30,7 @@ def row(path: str) -> dict:
     out.update({k: summary.get(k) for k in SCALAR_METRICS})
     extra = res.get("extra") or {}
     out.update({k: extra.get(k) for k in EXTRA_METRICS})
-    out.update({"gpu_name": prov.get("gpu_name"), "git_commit": (prov.get("git") or {}).get("commit"),
+    out.update({"gpu_name": prov.get("gpu_name"), "gpu_total_mem_gb": prov.get("gpu_total_mem_gb"),
+                "git_commit": (prov.get("git") or {}).get("commit"),
                 "image_id": prov.get("image_id"), "path": path})
     return out

@@ -24,4 +24,4 @@ for ax, (metric, label) in zip(axes, panels):
     ax.set_xlabel("alpha (logit units)")
     ax.set_ylabel(label)
     P.finish(ax)
-P.save(fig, snakemake.output)  # noqa: F821
+P.save(fig, snakemake.output, df)  # noqa: F821

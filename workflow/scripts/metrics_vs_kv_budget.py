@@ -20,4 +20,4 @@ for ax, (metric, label) in zip(axes, panels):
 # one axis, two meanings (frameworks/harness/spec.py): said under the panels
 fig.supxlabel("KV budget: H2O, fraction of the prompt kept on the GPU; InfiniGen, fraction of the sequence "
               "(prompt + output) fetched from CPU memory per step", fontsize=8)
-P.save(fig, snakemake.output)  # noqa: F821
+P.save(fig, snakemake.output, df)  # noqa: F821

@@ -28,4 +28,4 @@ for ax, (metric, label) in zip(axes, [("output_tok_s", "output throughput (tok/s
     ax.set_xticks(np.arange(len(order)) + width * (len(fws) - 1) / 2, order, rotation=15)
     ax.set_ylabel(label)
     P.finish(ax)
-P.save(fig, snakemake.output)  # noqa: F821
+P.save(fig, snakemake.output, df)  # noqa: F821
