@@ -24,7 +24,7 @@ def run_engine_cell(spec, policy_cls) -> Measurement:
     t0 = time.perf_counter()
     model = models.build(spec.model, spec.weights, spec.device, spec.dtype, policy.attn_implementation(spec.prefill), spec.seed)
     policy.prepare(model)
-    engine = Engine(model, policy, spec.device, spec.prefill, spec.chunk_size)
+    engine = Engine(model, policy, spec.device, spec.prefill, spec.chunk_size, max_len=spec.prompt_len + spec.gen_len)
     build_s = time.perf_counter() - t0
 
     vocab = model.config.vocab_size
@@ -45,6 +45,7 @@ def run_engine_cell(spec, policy_cls) -> Measurement:
                 t, d = driver.run_offline(engine, prompts, spec.gen_len, rep)
             timings += t
             durations.append(d)
-    extra = {"model_build_s": build_s, "warmup_s": warmup_s, "attn_implementation": model.config._attn_implementation}
+    extra = {"model_build_s": build_s, "warmup_s": warmup_s, "attn_implementation": model.config._attn_implementation,
+             "decode": policy.decode, **engine.graph_stats()}
     extra.update(policy.metrics())
     return Measurement(timings, durations, mon.result(), engine.kv_bytes_peak, extra)
