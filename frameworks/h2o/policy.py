@@ -42,9 +42,8 @@ class H2OPolicy(KVPolicy):
         for m in modules:
             m.h2o_policy = self  # how the registered attention function finds this batch's cache
 
-    def new_cache(self, model, batch_size: int, max_len: int) -> Cache:
-        chunk = self.spec.chunk_size if self.spec.prefill == "chunked" else None
-        layers = [H2OLayer(self.budget.sizes, self.spec.prompt_len, chunk) for _ in range(model.config.num_hidden_layers)]
+    def new_cache(self, model, batch_size: int, max_len: int, prompt_len: int) -> Cache:
+        layers = [H2OLayer(self.budget.sizes, prompt_len) for _ in range(model.config.num_hidden_layers)]
         self.cache = Cache(layers=layers)
         return self.cache
 

@@ -68,7 +68,7 @@ class Engine:
             return self._generate_graph(prompt_ids, gen_len)
         ids = torch.as_tensor(prompt_ids, device=self.device)
         b, length = ids.shape
-        cache = self.policy.new_cache(self.model, b, length + gen_len)
+        cache = self.policy.new_cache(self.model, b, length + gen_len, length)
         self.step_logits = []
         out = torch.empty((b, gen_len), dtype=torch.long, device=self.device)
         times = []
@@ -103,7 +103,7 @@ class Engine:
         ids = torch.as_tensor(prompt_ids, device=self.device)
         b, length = ids.shape
         max_len = max(length + gen_len, self.max_len or 0)
-        cache = self.policy.new_cache(self.model, b, max_len)
+        cache = self.policy.new_cache(self.model, b, max_len, length)
         step_fn = self._decode_step(cache, b, max_len)
         self.step_logits = []
         out = torch.empty((b, gen_len), dtype=torch.long, device=self.device)

@@ -53,9 +53,12 @@ class KVPolicy:
     def prepare(self, model) -> None:
         """Called once after the model is built (hooks, weight transforms)."""
 
-    def new_cache(self, model, batch_size: int, max_len: int) -> Cache:
-        """A cache for one batch of `batch_size` sequences of at most `max_len` tokens. Graph mode
-        reuses one cache per shape (reset), so a captured step stays valid for the next batch."""
+    def new_cache(self, model, batch_size: int, max_len: int, prompt_len: int) -> Cache:
+        """A cache for one batch of `batch_size` sequences of at most `max_len` tokens whose
+        prompts are `prompt_len` tokens long: the forwards that write the first `prompt_len`
+        tokens are prefill, whatever their size (a one-token last chunk is still prefill), every
+        later one is a decode step. Graph mode reuses one cache per shape (reset), so a captured
+        step stays valid for the next batch."""
         if self.decode != "graph":
             return Cache(layers=[PreallocatedLayer(max_len) for _ in range(model.config.num_hidden_layers)])
         cache = self._static.get((batch_size, max_len))
@@ -80,6 +83,10 @@ class KVPolicy:
         """Bytes of KV held on the compute device by this cache now."""
         return sum(t.numel() * t.element_size() for layer in cache.layers
                    for t in (layer.keys, layer.values) if t is not None)
+
+    def reset_metrics(self) -> None:
+        """Forget what metrics() counted so far (called after the warm-up: counters cover the
+        measured repetitions only)."""
 
     def metrics(self) -> dict:
         """Policy-specific measurements for the result's `extra` (e.g. bytes fetched)."""
