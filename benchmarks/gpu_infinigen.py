@@ -42,8 +42,8 @@ import torch  # noqa: E402
 
 from frameworks import models  # noqa: E402
 from frameworks.harness import provenance, result  # noqa: E402
+from frameworks.harness.outcome import run_and_record  # noqa: E402
 from frameworks.harness.spec import CellSpec  # noqa: E402
-from frameworks.harness.worker import is_oom, now  # noqa: E402
 from frameworks.hf.policy import KVPolicy  # noqa: E402
 from frameworks.hf.runner import run_engine_cell  # noqa: E402
 from frameworks.infinigen.policy import InfiniGenPolicy  # noqa: E402
@@ -86,22 +86,10 @@ class Bench:
             row.update(status="skipped", message=f"time guard: needs ~{est_s:.0f} s, {self.left():.0f} s left")
             self.rows.append(row)
             return row
-        started, t = now(), time.perf_counter()
-        meas, status, message = None, "ok", ""
-        try:
-            meas = run_engine_cell(spec, policy_cls)
-        except result.Unsupported as e:
-            status, message = "unsupported", str(e)
-        except BaseException as e:  # noqa: BLE001 - an OOM is a result; anything else is recorded too
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            if is_oom(e):
-                status, message = "oom", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            else:
-                status, message = "error", f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-        rec = result.build(spec.to_dict(), spec.cell_id, status, message, self.prov, started, now(),
-                           meas if status == "ok" else None)
+        t = time.perf_counter()
+        # classified and recorded as the pipeline's worker does (frameworks/harness/outcome.py)
+        rec = run_and_record(spec, lambda: run_engine_cell(spec, policy_cls), self.prov)
+        status, message = rec["status"], rec["message"]
         rec["extra"]["bench_policy"] = fw
         rec["extra"]["wall_s"] = time.perf_counter() - t
         result.write_atomic(self.out / "cells" / f"{section}_{name}.json", rec)

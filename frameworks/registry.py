@@ -23,6 +23,9 @@ class Framework:
     # decode step: "graph" (static shapes, captured once, replayed) or "eager" (transformers as-is,
     # one forward and a host sync per step); the first is the default of the framework's cells
     decode_modes: tuple[str, ...] = ("graph", "eager")
+    # True: prefill=flash runs torch's flash-attention SDPA kernel on CUDA, which has no float32
+    # version (vLLM's `flash` means unchunked prefill and takes any dtype)
+    flash_kernel: bool = False
 
 
 PREFILL_MODES = ("eager", "sdpa", "flash", "chunked")
@@ -36,6 +39,7 @@ FRAMEWORKS: dict[str, Framework] = {
             description="transformers engine, full KV cache on the GPU (baseline of the KV policies)",
             full_cache_only=True,
             prefill_modes=PREFILL_MODES,
+            flash_kernel=True,
         ),
         Framework(
             name="h2o",
@@ -45,6 +49,7 @@ FRAMEWORKS: dict[str, Framework] = {
             prefill_modes=("eager", "chunked"),
             policy_keys=frozenset({"heavy_ratio", "recent_ratio", "heavy_size", "recent_size"}),
             policy_check="frameworks.h2o.budget:check",
+            flash_kernel=True,
         ),
         Framework(
             name="infinigen",
@@ -55,6 +60,7 @@ FRAMEWORKS: dict[str, Framework] = {
             policy_keys=frozenset({"alpha", "partial_weight_ratio", "max_num_kv", "full_layers"}),
             policy_check="frameworks.infinigen.options:check",
             decode_modes=("eager",),  # its step has host-side transfer bookkeeping: not captured yet
+            flash_kernel=True,
         ),
         Framework(
             name="vllm",

@@ -140,6 +140,9 @@ class CellSpec:
                 need(False, str(e))
         need(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(not (fw.flash_kernel and self.prefill == "flash" and self.device == "cuda" and self.dtype == "float32"),
+             f"prefill=flash on CUDA needs dtype bfloat16 or float16 ({fw.name} runs torch's flash-attention kernel, "
+             "which has no float32 version); use prefill=sdpa for float32")
         need(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s!r}")
         if self.is_rate_cell:
             need(self.request_rate > 0, f"request_rate must be > 0 (or inf), got {self.request_rate!r}")

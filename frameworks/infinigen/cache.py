@@ -57,12 +57,14 @@ class InfiniGenLayer(CacheLayerMixin):
 
 
 class InfiniGenCache(Cache):
-    def __init__(self, policy, store, batch: int, max_len: int):
+    def __init__(self, policy, store, batch: int, max_len: int, prompt_len: int):
         arch = policy.arch
         super().__init__(layers=[InfiniGenLayer(self, i, i < policy.full_layers) for i in range(arch.n_layers)])
         self.policy, self.arch, self.store = policy, arch, store
         self.transfer = policy.transfer
-        self.batch, self.max_len = batch, max_len
+        # the first prompt_len tokens are prefill whatever the chunking (a one-token last chunk
+        # too: it attends to the whole prompt); every later forward is a decode step
+        self.batch, self.max_len, self.prompt_len = batch, max_len, prompt_len
         dev, dtype = policy.device, policy.dtype
         b, hkv, d = batch, arch.n_kv_heads, arch.head_dim
         self.partial_k = {j: torch.empty((b, hkv, max_len, s.proj.shape[-1]), dtype=dtype, device=dev)
@@ -84,7 +86,7 @@ class InfiniGenCache(Cache):
 
     # -- launch points ------------------------------------------------------------------
     def on_layer_start(self, i: int, hidden: torch.Tensor, position_embeddings) -> None:
-        if hidden.shape[1] != 1 or self.layers[i].length == 0:
+        if self.layers[i].length < self.prompt_len:
             return  # prefill: nothing to speculate
         if i == 0:
             self.transfer.stats["steps"] += 1
@@ -128,11 +130,19 @@ class InfiniGenCache(Cache):
         end = start + n
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} tokens > preallocated {self.max_len}")
+        prefill = start < self.prompt_len
+        if prefill and end > self.prompt_len:
+            raise RuntimeError(f"layer {i}: a forward of tokens {start}..{end} crosses the end of the "
+                               f"{self.prompt_len}-token prompt")
+        if not prefill and n != 1:
+            raise RuntimeError(f"layer {i}: a {n}-token decode step (decode feeds one token per sequence)")
         self.transfer.append(self.store, i, start, key, value)
         if not layer.full:
             self.partial_k[i][:, :, start:end] = torch.matmul(key, self.policy.skews[i].proj)
         layer.length = end
-        if n > 1 or start == 0:
+        # read (and cleared) by the attention function right after this update (same module forward)
+        self.arch.attn(i).__dict__["_infinigen_decode"] = not prefill
+        if prefill:
             return self._prefill_kv(i, start, key, value)
         pending = self.pending[i]
         self.pending[i] = None

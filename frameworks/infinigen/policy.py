@@ -68,7 +68,7 @@ class InfiniGenPolicy(KVPolicy):
             cache.on_layer_start(i, hidden, kwargs.get("position_embeddings"))
 
     # -- per batch --------------------------------------------------------------------------
-    def new_cache(self, model, batch_size: int, max_len: int) -> InfiniGenCache:
+    def new_cache(self, model, batch_size: int, max_len: int, prompt_len: int) -> InfiniGenCache:
         a = self.arch
         shape = (a.n_layers, max_len, batch_size, a.n_kv_heads, a.head_dim, self.dtype)
         if self._store is None or not self._store.fits(*shape):
@@ -78,7 +78,10 @@ class InfiniGenPolicy(KVPolicy):
                 self._store.close()
                 self._store = None
             self._store = HostStore(*shape, pin=self.transfer.cuda, device=self.device)
-        return InfiniGenCache(self, self._store, batch_size, max_len)
+        return InfiniGenCache(self, self._store, batch_size, max_len, prompt_len)
+
+    def reset_metrics(self) -> None:
+        self.transfer.reset_stats()
 
     def kv_bytes(self, cache) -> int:
         return cache.device_bytes()

@@ -22,6 +22,7 @@ from frameworks.h2o import attention
 from frameworks.h2o.budget import Budget
 from frameworks.h2o.policy import H2OPolicy
 from frameworks.harness import workload
+from frameworks.harness.result import Unsupported
 from frameworks.harness.spec import CellSpec
 from frameworks.hf.engine import Engine
 from frameworks.hf.policy import KVPolicy
@@ -277,7 +278,7 @@ def test_budget_resolution():
 def test_unsupported_architecture_is_named():
     s = spec()
     model = models.build("tiny-gpt-oss", "random", "cpu", "float32", "eager")
-    with pytest.raises(ValueError, match="GptOssForCausalLM.*gpt_oss"):
+    with pytest.raises(Unsupported, match="GptOssForCausalLM.*gpt_oss"):
         H2OPolicy(s).prepare(model)
 
 

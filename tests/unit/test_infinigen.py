@@ -111,7 +111,7 @@ def _capture_decode_step(model, policy, eng, j):
     h = layer.register_forward_pre_hook(pre, with_kwargs=True)
     caches = []
     orig = policy.new_cache
-    policy.new_cache = lambda *a: caches.append(orig(*a)) or caches[-1]
+    policy.new_cache = lambda *a, **k: caches.append(orig(*a, **k)) or caches[-1]
     try:
         eng.generate(_prompts(model), 2)
     finally:
@@ -251,7 +251,7 @@ def test_engine_selection_and_fetched_rows(name, policy_cls, monkeypatch):
         with_kwargs=True)
     caches = []
     orig = policy.new_cache
-    policy.new_cache = lambda *a: caches.append(orig(*a)) or caches[-1]
+    policy.new_cache = lambda *a, **k: caches.append(orig(*a, **k)) or caches[-1]
     eng.generate(_prompts(model), 2)
     h.remove()
     cache = caches[-1]
@@ -471,3 +471,32 @@ def test_adapter_runs_a_cell_with_metrics():
     assert m.extra["attn_implementation"] == "infinigen_eager"
     assert m.extra["fetched_tokens_per_seq_layer_speculated"] <= 5
     assert m.kv_cache_bytes > 0 and m.extra["host_kv_bytes"] > 0
+
+
+# -- prefill is prefill whatever the chunking (issue #10 items 2, 3) ------------------------
+@pytest.mark.parametrize("name", [LLAMA, OPT])
+@pytest.mark.parametrize("prompt_len,chunk", [(33, 8), (25, 8), (17, 4), (32, 8)])
+def test_chunked_prefill_equals_eager_and_counts_only_decode_steps(name, prompt_len, chunk):
+    """A one-token last chunk (33 = 4 x 8 + 1) attends to the whole prompt, as in eager prefill,
+    not to the budget-selected tokens; decode_steps counts the decode forwards only."""
+    gen, b = 5, 3
+    got = {}
+    for prefill in ("eager", "chunked"):
+        s = CellSpec(experiment="unit", framework="infinigen", model=name, device="cpu", dtype="float32",
+                     prefill=prefill, chunk_size=chunk, kv_budget=0.2, batch_size=b, prompt_len=32, gen_len=gen)
+        eng, policy, model = _engine(s, InfiniGenPolicy)
+        eng.generate(_prompts(model, b=b, n=prompt_len), gen)
+        got[prefill] = torch.stack(eng.step_logits), eng.last_tokens, policy.metrics()["decode_steps"]
+    (e_logits, e_tokens, e_steps), (c_logits, c_tokens, c_steps) = got["eager"], got["chunked"]
+    assert (c_logits - e_logits).abs().max() < ATOL
+    assert torch.equal(c_tokens, e_tokens)
+    assert e_steps == c_steps == gen - 1
+
+
+def test_warmup_is_not_counted_in_the_metrics():
+    from frameworks.infinigen import adapter
+
+    spec = CellSpec(experiment="unit", framework="infinigen", model=LLAMA, device="cpu", dtype="float32",
+                    batch_size=2, prompt_len=16, gen_len=4, kv_budget=0.5, prefill="eager", warmup=1, repetitions=2)
+    m = adapter.run(spec)
+    assert m.extra["decode_steps"] == 2 * (4 - 1)  # 2 repetitions of 3 decode steps; the warm-up's 3 not counted
