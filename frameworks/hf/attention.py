@@ -20,13 +20,23 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 IMPLEMENTATIONS = {"eager": "kvstudy_eager", "sdpa": "kvstudy_sdpa"}  # by prefill attention
+DECODE_KERNELS = ("sdpa", "matmul")
+decode_kernel = "sdpa"  # module setting: the GPU benchmark times both
 
 
 def gqa_decode(query, key, value, mask, scaling: float) -> torch.Tensor:
     """query [B, Hq, 1, D], key/value [B, Hkv, L, D], mask bool [B, 1, 1, L] or None -> [B, 1, Hq, D].
-    Hq/Hkv query heads share each KV head without copying it."""
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[1])
+    Hq/Hkv query heads share each KV head without copying it: torch's SDPA with enable_gqa, or
+    (decode_kernel "matmul") two batched matmuls over [B, Hkv, G, D] queries, softmax in float32."""
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    if decode_kernel == "matmul":
+        w = torch.matmul(query.reshape(b, hkv, hq // hkv, d), key.transpose(-1, -2)).float() * scaling
+        if mask is not None:
+            w = w.masked_fill(~mask, float("-inf"))  # [B, 1, 1, L] broadcasts over heads and group
+        out = torch.matmul(w.softmax(-1).to(value.dtype), value).reshape(b, hq, 1, value.shape[-1])
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=hq != hkv)
     return out.transpose(1, 2).contiguous()
 
 

@@ -35,6 +35,7 @@ class DecodeStep:
         self.arange = torch.arange(max_len, device=device).view(1, 1, 1, max_len)
         self.mask = torch.zeros((batch, 1, 1, max_len), dtype=torch.bool, device=device) if mask else None
         self.cuda = device.type == "cuda"
+        self.side = torch.cuda.Stream(device) if self.cuda else None  # eager steps, as torch's capture recipe
         self.capture, self.pool = capture, pool
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compiled = None
@@ -81,8 +82,8 @@ class DecodeStep:
     def _eager(self) -> None:
         if not self.cuda:
             self._step()
-        else:  # on a side stream, as torch's capture recipe warms up
-            s = torch.cuda.Stream(self.device)
+        else:
+            s = self.side
             s.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(s):
                 self._step()
