@@ -48,8 +48,8 @@ CV_MAX = 0.05
 
 def settings(tiny: bool) -> dict:
     if tiny:
-        return dict(model="tiny-llama-3.1", device="cpu", dtype="float32", prompt=64, gen=16, reps=3,
-                    hf_batches=(1, 4), ig_batches=(1, 4), ttft=256, ttft_long=512, chunk=128)
+        return dict(model="tiny-llama-3.1", device="cpu", dtype="float32", prompt=32, gen=8, reps=2,
+                    hf_batches=(1, 4), ig_batches=(1, 4), ttft=128, ttft_long=256, chunk=64)
     return dict(model="llama-3.1-8b", device="cuda", dtype="bfloat16", prompt=2048, gen=256, reps=3,
                 hf_batches=(1, 16, 64), ig_batches=(1, 8, 32), ttft=32768, ttft_long=131064, chunk=4096)
 
@@ -71,16 +71,16 @@ def plan(tiny: bool) -> list[dict]:
             reps=S["reps"], kv_budget=0.2)
     add("engine", "correct/8b", "correct_model", 15)
     for b in S["hf_batches"]:
-        add("engine", f"hf/eager/bs{b}", "decode", 8 + 0.05 * b, framework="hf", batch=b, decode="eager", reps=1, gen=64)
+        add("engine", f"hf/eager/bs{b}", "decode", 8 + 0.05 * b, framework="hf", batch=b, decode="eager", reps=1, gen=S["gen"] // 4)
     for b in S["hf_batches"][1:]:
         add("engine", f"hf/graph-matmul/bs{b}", "decode", 8 + 0.2 * b, framework="hf", batch=b, decode="graph",
             reps=2, kernel="matmul")
     add("engine", f"h2o/eager/bs{S['hf_batches'][1]}", "decode", 10, framework="h2o", batch=S["hf_batches"][1],
-        decode="eager", reps=1, gen=64, kv_budget=0.2)
+        decode="eager", reps=1, gen=S["gen"] // 4, kv_budget=0.2)
     for b in S["ig_batches"]:
         for fetch in (True, False):
             add("infinigen", f"infinigen/{'fetch' if fetch else 'nofetch'}/bs{b}", "decode", 12 + 0.3 * b,
-                framework="infinigen", batch=b, decode="eager", reps=1, gen=64, kv_budget=0.2, fetch=fetch)
+                framework="infinigen", batch=b, decode="eager", reps=1, gen=S["gen"] // 4, kv_budget=0.2, fetch=fetch)
     add("overhead", "overhead/hf-graph/bs16", "overhead", 35, batch=4 if tiny else 16)
     add("ttft", "ttft/hf-flash", "ttft", 10, framework="hf", prompt=S["ttft"])
     add("ttft", "ttft/h2o-chunked", "ttft", 25, framework="h2o", prompt=S["ttft"])
@@ -163,9 +163,11 @@ def make_engine(ctx: Ctx, spec, model, capture="cuda_graph", fetch=True):
 
 
 def unhook(model) -> None:
-    """InfiniGen's prepare() hooks every decoder layer: drop them before the next policy."""
+    """InfiniGen's prepare() hooks every decoder layer, H2O's hangs itself on the attention modules:
+    drop both before the next policy (and free its caches)."""
     for m in model.modules():
         m._forward_pre_hooks.clear()
+        m.__dict__.pop("h2o_policy", None)
 
 
 def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0, kernel="sdpa", capture="cuda_graph",
@@ -222,6 +224,11 @@ def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0
 
 
 def h2o_bookkeeping_ms(ctx: Ctx, cache) -> float:
+    with ctx.torch.inference_mode():  # the cache's tensors are inference tensors
+        return _h2o_bookkeeping_ms(ctx, cache)
+
+
+def _h2o_bookkeeping_ms(ctx: Ctx, cache) -> float:
     """Per decode step, all layers: score update + eviction choice (add_step_scores) and the slot's
     position/score reset, on the cache's real state. Captured alone on CUDA (as in the step)."""
     torch = ctx.torch
@@ -235,7 +242,7 @@ def h2o_bookkeeping_ms(ctx: Ctx, cache) -> float:
             layer.scores.scatter_(2, layer.free[..., None], 0.0)
             layer.add_step_scores(p)
 
-    n = 50
+    n = 50 if ctx.dev.type == "cuda" else 5
     if ctx.dev.type != "cuda":
         t0 = time.perf_counter()
         for _ in range(n):
@@ -385,8 +392,8 @@ def overhead_child(tiny: bool, batch: int, t0: float) -> None:
 
 
 MEASURE = {"rates": lambda c, p: run_rates(c), "decode": lambda c, p: run_decode(c, **p),
-           "correct_tiny": lambda c, p: run_correct(c, "tiny-llama-3.1", "float32", 3, 40, 12),
-           "correct_model": lambda c, p: run_correct(c, c.S["model"], c.S["dtype"], 2, c.S["prompt"], 16),
+           "correct_tiny": lambda c, p: run_correct(c, "tiny-llama-3.1", "float32", 3, 40, 12 if c.dev.type == "cuda" else 6),
+           "correct_model": lambda c, p: run_correct(c, c.S["model"], c.S["dtype"], 2, c.S["prompt"], 16 if c.dev.type == "cuda" else 4),
            "ttft": lambda c, p: run_ttft(c, **p), "overhead": lambda c, p: run_overhead(c, **p)}
 
 
@@ -470,7 +477,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="output folder")
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script (~3 min on 2 cores)")
-    ap.add_argument("--time-budget-s", type=float, default=None, help="stop starting work after this (default 490; tiny 300)")
+    ap.add_argument("--time-budget-s", type=float, default=None, help="stop starting work after this (default 490; tiny 400)")
     ap.add_argument("--worker", choices=GROUPS, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--overhead-child", action="store_true", help=argparse.SUPPRESS)
@@ -489,7 +496,7 @@ def main() -> int:
     if args.worker:
         worker(Path(args.out), args.worker, args.tiny, args.deadline)
         return 0
-    return orchestrate(Path(args.out), args.tiny, args.time_budget_s or (300.0 if args.tiny else 490.0))
+    return orchestrate(Path(args.out), args.tiny, args.time_budget_s or (400.0 if args.tiny else 490.0))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -91,8 +91,9 @@ def summarize(out: Path, tiny: bool) -> dict:
         c = res.get(key)
         for fw in ("hf", "h2o"):
             x = (c or {}).get(fw)
+            bf16 = key == "correct/8b"  # bf16 kernels differ in rounding: reported, no verdict
             target(f"{key} {fw}: graph == eager (rtol/atol 1e-4, same tokens)", x and x["max_abs_logit_diff"], 1e-4,
-                   x["pass"] if x else None, (f"token agreement {x['token_agreement']:.3f}, graph {x['graph']}" if x
+                   x["pass"] if x and not bf16 else None, (f"token agreement {x['token_agreement']:.3f}, graph {x['graph']}" if x
                                               else _why(rows, key)) + (" (bf16: reported, not a pass/fail)" if key == "correct/8b" else ""))
     compare = {}
     for b in (1, 16, 64) if not tiny else (1, 4):
