@@ -37,6 +37,7 @@ FIGURES = {
     "throughput_vs_batch": "batch",
     "memory_vs_batch": "batch",
     "tok_s_per_gb_vs_batch": "batch",
+    "engine_decode": "batch",
     "model_size": "model_size",
     "latency_vs_rate": "request_rate",
     "metrics_vs_kv_budget": "kv_budget",
