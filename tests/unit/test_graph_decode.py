@@ -80,3 +80,17 @@ def test_decode_key_defaults_and_ids():
                                    prefill="flash", device="cpu")).decode == "eager"
     with pytest.raises(SpecError, match="supports decode"):
         spec("hf", "compiled")
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_gqa_decode_matches_repeated_heads(kernel, monkeypatch):
+    from frameworks.hf import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=g) for s in ((3, 8, 1, 16), (3, 2, 10, 16), (3, 2, 10, 16)))
+    mask = torch.arange(10).view(1, 1, 1, 10) <= torch.tensor([3, 6, 9]).view(3, 1, 1, 1)  # per-sequence lengths
+    kr, vr = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)  # query head h reads KV head h // 4
+    w = (q @ kr.transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf"))
+    ref = (w.softmax(-1) @ vr).transpose(1, 2)
+    monkeypatch.setattr(attention, "decode_kernel", kernel)
+    torch.testing.assert_close(attention.gqa_decode(q, k, v, mask, 0.25), ref, rtol=1e-5, atol=1e-6)
