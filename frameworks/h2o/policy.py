@@ -53,6 +53,7 @@ class H2OPolicy(KVPolicy):
         layers = [H2OLayer(self.budget.sizes, prompt_len) for _ in range(model.config.num_hidden_layers)]
         self.cache = Cache(layers=layers)
         if self.decode == "graph":
+            self._static.clear()  # one shape at a time, as KVPolicy.new_cache
             self._static[key] = self.cache
         return self.cache
 

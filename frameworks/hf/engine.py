@@ -35,8 +35,9 @@ class Engine:
         # so the warm-up's shorter batches reuse the measured batches' cache and captured step
         self.max_len = max_len
         self.capture = capture
-        self._steps: dict[int, tuple] = {}  # id(cache) -> (cache, DecodeStep)
+        self._steps: dict[int, tuple] = {}  # id(cache) -> (cache, DecodeStep), the current cache only
         self._pool = None  # one CUDA graph memory pool for all captured steps
+        self._graph_stats = {"graphs": 0, "capture_s": 0.0}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -92,10 +93,11 @@ class Engine:
 
         entry = self._steps.get(id(cache))
         if entry is None or entry[0] is not cache:
+            self._steps.clear()  # the policy keeps one cache at a time: the old step's graph goes with it
             if self.device.type == "cuda" and self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             entry = (cache, DecodeStep(self.model, cache, b, max_len, self.device, self.policy.decode_mask,
-                                       self.capture, self._pool))
+                                       self.capture, self._pool, self._graph_stats))
             self._steps[id(cache)] = entry
         return entry[1]
 
@@ -143,7 +145,5 @@ class Engine:
         """Graph mode: how many steps were captured and what the captures cost (the result's extra)."""
         if self.policy.decode != "graph":
             return {}
-        steps = [s for _, s in self._steps.values()]
         return {"decode_capture": self.capture if self.device.type == "cuda" else "none (no CUDA: static step run eagerly)",
-                "decode_graphs": sum(s.graph is not None or s.compiled is not None for s in steps),
-                "decode_capture_s": sum(s.capture_s for s in steps)}
+                "decode_graphs": self._graph_stats["graphs"], "decode_capture_s": self._graph_stats["capture_s"]}

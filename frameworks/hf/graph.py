@@ -24,7 +24,7 @@ class DecodeStep:
     warm_steps = 1  # eager steps before the capture
 
     def __init__(self, model, cache, batch: int, max_len: int, device: torch.device, mask: bool,
-                 capture: str = "cuda_graph", pool=None):
+                 capture: str = "cuda_graph", pool=None, stats: dict | None = None):
         if capture not in CAPTURES:
             raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
         self.model, self.cache, self.device = model, cache, device
@@ -41,7 +41,7 @@ class DecodeStep:
         self.compiled = None
         self.eager_runs = 0
         self.ready_runs = 0  # eager runs of the static step (the capture comes after warm_steps of them)
-        self.capture_s = 0.0  # wall time of the capture (recorded once)
+        self.stats = stats if stats is not None else {"graphs": 0, "capture_s": 0.0}  # the engine's, over all steps
 
     def feed(self, tokens: torch.Tensor, position: int) -> None:
         """Before the first decode step of a batch: the prompt's last greedy tokens at `position`."""
@@ -72,6 +72,7 @@ class DecodeStep:
             if self.compiled is None:
                 self._mark_static()
                 self.compiled = torch.compile(self._step, mode="reduce-overhead", fullgraph=False)
+                self.stats["graphs"] += 1  # its capture happens inside the compiled calls: not timed here
             self.compiled()
             return self.next
         if self.graph is None:
@@ -95,10 +96,12 @@ class DecodeStep:
 
         t0 = time.perf_counter()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        # thread_local: the memory monitor's thread may query the device while this thread captures
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             self._step()
         self.graph = g
-        self.capture_s = time.perf_counter() - t0
+        self.stats["graphs"] += 1
+        self.stats["capture_s"] += time.perf_counter() - t0
 
     def _mark_static(self) -> None:
         for t in (self.ids, self.pos, self.next, self.logits, self.mask, self.arange):

@@ -63,6 +63,9 @@ class KVPolicy:
             return Cache(layers=[PreallocatedLayer(max_len) for _ in range(model.config.num_hidden_layers)])
         cache = self._static.get((batch_size, max_len))
         if cache is None:
+            # one cache at a time: a request-rate cell's batches vary in size, and a full cache per
+            # size would not fit; a new size means a new capture (offline cells have one size)
+            self._static.clear()
             cache = Cache(layers=[StaticDecodeLayer(max_len) for _ in range(model.config.num_hidden_layers)])
             self._static[(batch_size, max_len)] = cache
         for layer in cache.layers:
