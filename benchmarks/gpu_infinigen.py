@@ -103,7 +103,6 @@ class Bench:
                        fetched_bytes_per_step=x.get("fetched_bytes_per_step"), h2d_gbps=x.get("h2d_bandwidth_gbps"),
                        gather_ms_per_step=x.get("gather_ms_per_step"), gather_gbps=x.get("gather_bandwidth_gbps"),
                        selected_bytes_per_step=x.get("selected_bytes_per_step"))
-        del meas
         self.rows.append(row)
         gc.collect()
         if torch.cuda.is_available():
@@ -258,7 +257,8 @@ def overlap(p: dict, bench: Bench) -> list[dict]:
                     batch_size=max(p["overlap_batches"]), prompt_len=p["prompt"], gen_len=p["overlap_gen"], kv_budget=0.2)
     est = 20 + sum(p["overlap_rounds"] * len(OVERLAP_VARIANTS) * (2 + 0.3 * b) for b in p["overlap_batches"])
     if est > bench.left():
-        bench.rows.append({"section": "overlap", "name": "all", "status": "skipped",
+        bench.rows.append({"section": "overlap", "name": "all", "policy": "infinigen", "batch": spec.batch_size,
+                           "prompt": spec.prompt_len, "prefill": spec.prefill, "status": "skipped",  # the table's columns
                            "message": f"time guard: needs ~{est:.0f} s, {bench.left():.0f} s left"})
         return []
     torch.manual_seed(spec.seed)

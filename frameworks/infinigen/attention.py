@@ -54,6 +54,10 @@ def _attention(prefill_fn):
             sink.append((query.detach(), key.detach()))
         if module.__dict__.pop("_infinigen_decode", False):  # the cache said: a decode step, not prefill
             return decode_attention(query, key, value, scaling, module.__dict__.get("_infinigen_bias")), None
+        prompt = module.__dict__.pop("_infinigen_prompt", None)
+        if prompt is not None:  # a speculated layer picks its partial columns from the prompt's queries
+            cache, layer, last = prompt
+            cache.prompt_queries(layer, query, key, last)
         fn = prefill_fn(module)
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
