@@ -47,6 +47,9 @@ def cpu_environment(spec) -> None:
     monitor sums the process tree either way. GPU cells keep vLLM's defaults."""
     if spec.device == "cpu":
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM binds its OpenMP threads to cores by default; the pipeline runs other cells on
+        # the same cores, and with binding an engine here once failed to exit
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 def run(spec) -> Measurement:
