@@ -103,13 +103,20 @@ def engine_kwargs(spec, model_dir: str | Path) -> dict:
         kw["num_gpu_blocks_override"] = int(policy["num_gpu_blocks"])
     if "kv_cache_memory_bytes" in policy:
         kw["kv_cache_memory_bytes"] = int(policy["kv_cache_memory_bytes"])
-    elif spec.device == "cpu" and "num_gpu_blocks" not in policy:
+    elif spec.device == "cpu":
         # vLLM on CPU reads gpu_memory_utilization as a share of the NUMA node's memory and
-        # refuses to start when that much is not free; a fixed size skips that check. The size
-        # is the full cache of the cell (max_num_seqs sequences of max_model_len), the capacity
-        # the transformers engine allocates for the same batch.
-        kw["kv_cache_memory_bytes"] = full_cache_bytes(models.config_dict(spec.model), max_num_seqs(spec),
-                                                       max_model_len(spec), CPU_BLOCK_SIZE, spec.dtype)
+        # refuses to start when that much is not free ("Available memory on node 0 ... is less
+        # than desired CPU memory utilization"), even with num_gpu_blocks_override; a fixed
+        # size skips that check. The size: the blocks the policy fixes, else the full cache of
+        # the cell (max_num_seqs sequences of max_model_len), the capacity the transformers
+        # engine allocates for the same batch.
+        config = models.config_dict(spec.model)
+        if "num_gpu_blocks" in policy:
+            kw["kv_cache_memory_bytes"] = kv_cache_layout(config, int(policy["num_gpu_blocks"]), CPU_BLOCK_SIZE,
+                                                          spec.dtype)["kv_cache_bytes"]
+        else:
+            kw["kv_cache_memory_bytes"] = full_cache_bytes(config, max_num_seqs(spec), max_model_len(spec),
+                                                           CPU_BLOCK_SIZE, spec.dtype)
     return kw
 
 

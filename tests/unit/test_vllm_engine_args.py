@@ -87,8 +87,10 @@ def test_cpu_cells_size_the_kv_cache_to_the_full_cache():
     b = ea.full_cache_bytes(oss, 2, 256, 128, "float32")
     assert ea.kv_cache_layout(oss, b // ea.kv_cache_layout(oss, 1, 128, "float32")["kv_cache_bytes"], 128,
                               "float32")["kv_capacity_tokens"] == 2 * 256
-    # a fixed count of blocks or bytes in the policy wins
-    assert "kv_cache_memory_bytes" not in ea.engine_kwargs(spec(device="cpu", policy={"num_gpu_blocks": 9}), "/m")
+    # a fixed count of blocks in the policy: exactly those blocks' bytes, never a share of the node
+    kw = ea.engine_kwargs(spec(model="tiny-llama-3.1", device="cpu", dtype="float32", policy={"num_gpu_blocks": 9}), "/m")
+    assert kw["num_gpu_blocks_override"] == 9
+    assert kw["kv_cache_memory_bytes"] == ea.kv_cache_layout(cfg, 9, 128, "float32")["kv_cache_bytes"]
 
 
 def test_model_dir_holds_the_registry_config(tmp_path):
