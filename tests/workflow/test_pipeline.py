@@ -17,6 +17,10 @@ from workflow.lib import celltable
 
 pytestmark = pytest.mark.slow
 
+# vLLM cells run in their own venv: one for every run of the suite (and tests/vllm_env.sh), in
+# the checkout under test, created by the first smoke run (~4 min) instead of once per copy
+VLLM_VENV = f"vllm_venv={os.environ.get('KVSTUDY_VLLM_VENV', REPO / '.venv-vllm')}"
+
 
 def cells_of(preset: str, **filters) -> dict:
     return celltable.build_cells({"preset": preset, "runner": "local", **filters}, celltable.load_preset(preset))
@@ -34,7 +38,7 @@ def mtimes(repo) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("smoke") / "repo")
-    p = snakemake(repo, "--cores", "all", "--config", "preset=smoke", "runner=local", timeout=1200)
+    p = snakemake(repo, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, timeout=1800)
     assert p.returncode == 0, p.stderr[-4000:]
     return repo
 
@@ -65,7 +69,7 @@ def test_smoke_writes_tables_and_figures_from_real_runs(smoke):
 
 def test_second_run_does_nothing(smoke):
     before = mtimes(smoke)
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local")
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
     assert p.returncode == 0 and "Nothing to be done" in p.stdout + p.stderr
     assert mtimes(smoke) == before
 
@@ -73,12 +77,12 @@ def test_second_run_does_nothing(smoke):
 def test_force_one_cell_redoes_only_that_cell(smoke):
     target = "results/cells/batch/hf/tiny-llama-3.1/bs4_in256_out32_kv1_sdpa.json"
     before = mtimes(smoke)
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", "-f", target)
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "-f", target)
     assert p.returncode == 0, p.stderr[-3000:]
     after = mtimes(smoke)
     assert [k for k in after if after[k] != before[k]] == [target]
     # the next full run refreshes only what depends on that cell
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local")
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
     changed = {k for k, v in mtimes(smoke).items() if v != after[k]}
     assert changed == {"results/tables/batch.csv"} | {f"results/figures/{f}.{e}" for f in
                                                         ("throughput_vs_batch", "memory_vs_batch", "tok_s_per_gb_vs_batch")
@@ -87,7 +91,7 @@ def test_force_one_cell_redoes_only_that_cell(smoke):
 
 def test_forcerun_redoes_cell_and_dependents(smoke):
     target = "results/cells/kv_budget/hf/tiny-llama-3.1/bs4_in256_out16_kv1_sdpa.json"
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", "-n", "--forcerun", target)
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "-n", "--forcerun", target)
     assert jobs(p.stdout) == {"run_cell": 1, "table": 1, "figure": 1, "all": 1}, p.stdout
 
 
@@ -114,7 +118,7 @@ def test_corrupt_result_is_named(smoke):
     saved = cell.read_text()
     cell.write_text(saved[: len(saved) // 2])
     try:
-        p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", "--forcerun", "results/tables/request_rate.csv")
+        p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "--forcerun", "results/tables/request_rate.csv")
         assert p.returncode != 0
         assert f"{cell.relative_to(smoke)}: not a readable result JSON" in open(smoke / "logs/tables/request_rate.log").read() + p.stderr
         assert cell.exists()  # nothing computed is deleted
@@ -124,7 +128,7 @@ def test_corrupt_result_is_named(smoke):
 
 def test_bad_config_touches_no_result(smoke):
     before = mtimes(smoke)
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", "frameworks=[nope]")
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "frameworks=[nope]")
     assert p.returncode != 0 and mtimes(smoke) == before
 
 
@@ -145,8 +149,8 @@ def test_killed_run_resumes_without_redoing_finished_cells(repo_copy):
     done = {p: p.stat().st_mtime_ns for p in cells_dir.rglob("*.json")}
     assert 1 <= len(done) < n
     # a hard kill leaves Snakemake's lock behind: unlock, then resume (rerun-incomplete is in the profile)
-    assert snakemake(repo_copy, "--unlock", "--config", "preset=smoke", "runner=local").returncode == 0
-    p = snakemake(repo_copy, "--cores", "all", "--config", "preset=smoke", "runner=local", "experiments=[request_rate]",
+    assert snakemake(repo_copy, "--unlock", "--config", "preset=smoke", "runner=local", VLLM_VENV).returncode == 0
+    p = snakemake(repo_copy, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "experiments=[request_rate]",
                   "frameworks=[hf]")
     assert p.returncode == 0, p.stderr[-3000:]
     assert all(f.stat().st_mtime_ns == t for f, t in done.items())  # finished cells were kept
