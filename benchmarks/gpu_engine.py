@@ -434,9 +434,20 @@ def _lines(out: Path) -> list[str]:
     return [x for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
 
 
+def finite(x):
+    """NaN / inf -> None, recursively: strict JSON, and a bad number never loses a row."""
+    if isinstance(x, float):
+        return x if x == x and abs(x) != float("inf") else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
 def _append(out: Path, row: dict) -> None:
     with open(out / "variants.jsonl", "a") as f:
-        f.write(json.dumps(row, allow_nan=False, default=str) + "\n")
+        f.write(json.dumps(finite(row), allow_nan=False, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -471,7 +482,7 @@ def orchestrate(out: Path, tiny: bool, budget_s: float, groups: list[str]) -> in
     summary = summarize(out, tiny)
     summary["wall_s"] = time.time() - t_start
     summary["command"] = [sys.executable, *sys.argv]
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False, default=str))
+    (out / "summary.json").write_text(json.dumps(finite(summary), indent=1, allow_nan=False, default=str))
     print_report(summary)
     return 0
 
