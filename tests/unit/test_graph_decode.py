@@ -80,6 +80,9 @@ def test_decode_key_defaults_and_ids():
                                    prefill="flash", device="cpu")).decode == "eager"
     with pytest.raises(SpecError, match="supports decode"):
         spec("hf", "compiled")
+    with pytest.raises(SpecError, match="infinigen supports decode"):  # not captured yet: said, not ignored
+        CellSpec.from_dict(dict(experiment="t", framework="infinigen", model="tiny-llama-3.1", kv_budget=0.2,
+                                prefill="flash", device="cpu", decode="graph"))
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
