@@ -10,7 +10,7 @@ from frameworks.harness.memory import MemoryMonitor
 from frameworks.harness.metrics import RequestTiming, request_sample, summarize
 from frameworks.vllm import failures, nvml
 
-# as vLLM 0.11.0 prints them from the engine-core process (v1/core/kv_cache_utils.py; torch)
+# as vLLM prints them from the engine-core process (0.11.0 wording; 0.32.0 keeps the marked phrases) (v1/core/kv_cache_utils.py; torch)
 KV_TOO_SMALL = ("ValueError: To serve at least one request with the models's max seq len (131104), (16.01 GiB KV "
                 "cache is needed, which is larger than the available KV cache memory (9.48 GiB). Based on the "
                 "available memory, the estimated maximum model length is 77648. Try increasing "
