@@ -29,6 +29,9 @@ def test_child_stderr_is_kept_and_passed_through(capfd):
 
 @pytest.mark.parametrize("text, oom", [(KV_TOO_SMALL, True), (CUDA_OOM, True),
                                        ("ValueError: No available memory for the cache blocks. Try ...", True),
+                                       # vLLM 0.32.0 on CPU (v1/worker/cpu_worker.py), as it failed here
+                                       ("ValueError: Available memory on node 0 (12.16/16.59 GiB) on startup is less "
+                                        "than desired CPU memory utilization (0.9, 14.93 GiB).", True),
                                        ("RuntimeError: Engine core initialization failed.", False)])
 def test_oom_causes(text, oom):
     assert (failures.oom_cause("INFO start\n" + text + "\nINFO end") is not None) == oom
