@@ -31,7 +31,7 @@ test: $(VENV)/.installed
 test-docker: $(VENV)/.installed
 	KVSTUDY_REQUIRE_DOCKER=1 $(BIN)/pytest tests/docker
 
-# separate CI job: the vLLM image builds from its lock and imports vllm (~5 min, ~11 GB)
+# separate CI job: the vLLM image (CPU variant) builds from its lock and runs a vLLM cell (~10 min, ~4 GB)
 test-vllm-image: $(VENV)/.installed
 	KVSTUDY_REQUIRE_DOCKER=1 KVSTUDY_TEST_VLLM_IMAGE=1 $(BIN)/pytest tests/docker/test_vllm_image.py
 

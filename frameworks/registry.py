@@ -25,6 +25,9 @@ class Framework:
     # "module:function" (torch-free) raising ValueError for a policy a cell cannot run; called by
     # CellSpec.validate, so the host rejects a bad value before any cell runs
     policy_check: str | None = None
+    # decode step: "graph" (static shapes, captured once, replayed) or "eager" (transformers as-is,
+    # one forward and a host sync per step); the first is the default of the framework's cells
+    decode_modes: tuple[str, ...] = ("graph", "eager")
 
 
 PREFILL_MODES = ("eager", "sdpa", "flash", "chunked")
@@ -63,6 +66,7 @@ FRAMEWORKS: dict[str, Framework] = {
                                   "speculation_input", "partial_columns", "min_fetch"}),
             policy_check="frameworks.infinigen.options:check",
             on_engine=True,
+            decode_modes=("eager",),  # its step has host-side transfer bookkeeping: not captured yet
         ),
         Framework(
             name="vllm",
@@ -75,6 +79,7 @@ FRAMEWORKS: dict[str, Framework] = {
             policy_keys=frozenset(
                 {"gpu_memory_utilization", "num_gpu_blocks", "kv_cache_memory_bytes", "enforce_eager", "max_num_seqs"}
             ),
+            decode_modes=("graph",),  # vLLM's own CUDA graphs; its policy key enforce_eager turns them off
         ),
     )
 }

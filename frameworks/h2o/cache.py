@@ -11,6 +11,12 @@ Decode: one token per step. The incoming token overwrites the slot freed at the 
 all slots, the step's probabilities are added to the scores, and the lowest-scoring slot outside
 the recent window is freed. Shapes never change once the slots are full, and slot order is
 irrelevant: keys are cached after RoPE at their real positions, and decode needs no mask.
+
+Graph decode (the engine's `decode: graph`): once the slots are full, a step reads no host
+value: the position of the incoming token is a device counter (`seen_t`), the freed slot is
+written in place, and `reset` keeps the slot buffers for the next batch of the same shape, so one
+captured step serves every step of every batch. Replayed steps run no Python: `seen` then stops
+at the captured step (the device counter is the truth).
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ class H2OLayer(CacheLayerMixin):
         self.filled = 0  # decode: slots holding a token (a prefix of the slots)
         self.free: torch.Tensor | None = None  # decode, once full: [B, Hkv] slot the next token overwrites
         self.heavy = self.recent = 0
+        self.seen_t: torch.Tensor | None = None  # decode: device copy of `seen`
+        self._bufs: dict[str, torch.Tensor] = {}  # decode slot buffers, kept across reset()
+
+    def reset(self, prompt_len: int) -> None:
+        """Ready for the next batch; the slot buffers stay (graph mode reuses the layer)."""
+        self.prompt_len, self.seen, self.decoding, self.filled = prompt_len, 0, False, 0
+        self.keys = self.values = self.scores = self.pos = self.free = None
 
     # -- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -79,8 +92,9 @@ class H2OLayer(CacheLayerMixin):
         """probs [B, Hkv, filled]: this decode step's attention, summed over the group's query heads."""
         self.scores[..., : self.filled] += probs
         if self.filled == self.scores.shape[-1]:  # heavy + recent + 1 tokens: free one slot
-            protected = self.pos >= self.seen - self.recent
-            self.free = self.scores.masked_fill(protected, float("inf")).argmin(-1)
+            protected = self.pos >= self.seen_t - self.recent
+            free = self.scores.masked_fill(protected, float("inf")).argmin(-1)
+            self.free = self._buf("free", free.shape, free.dtype).copy_(free)  # in place: read by the next step
 
     # -- inspection (tests, metrics) ---------------------------------------------------------
     def kept_positions(self) -> torch.Tensor:
@@ -127,14 +141,15 @@ class H2OLayer(CacheLayerMixin):
             heavy = self.scores[..., : length - self.recent].topk(self.heavy, dim=-1).indices
             keep = torch.cat([heavy, recent], dim=-1).sort(dim=-1).values  # position order: see module doc
         n, slots = keep.shape[-1], capacity + 1
-        keys = self.keys.new_empty((b, h, slots, d))
-        values = self.values.new_empty((b, h, slots, self.values.shape[-1]))
+        keys = self._buf("keys", (b, h, slots, d), self.keys.dtype)
+        values = self._buf("values", (b, h, slots, self.values.shape[-1]), self.values.dtype)
         keys[:, :, :n] = self.keys.gather(2, keep[..., None].expand(-1, -1, -1, d))
         values[:, :, :n] = self.values.gather(2, keep[..., None].expand(-1, -1, -1, values.shape[-1]))
-        scores = self.scores.new_zeros((b, h, slots))
+        scores = self._buf("scores", (b, h, slots), self.scores.dtype).zero_()
         scores[..., :n] = self.scores.gather(-1, keep)
-        self.pos = torch.full((b, h, slots), -1, dtype=torch.long, device=dev)
+        self.pos = self._buf("pos", (b, h, slots), torch.long).fill_(-1)
         self.pos[..., :n] = keep
+        self.seen_t = self._buf("seen", (), torch.long).fill_(length)
         self.keys, self.values, self.scores = keys, values, scores  # the prompt's KV is released here
         self.filled, self.free, self.decoding = n, None, True
 
@@ -145,14 +160,24 @@ class H2OLayer(CacheLayerMixin):
             self.values[:, :, i] = v[:, :, 0]
             self.pos[..., i] = self.seen
             self.filled += 1
+            self.seen_t.add_(1)
         else:  # overwrite the slot each (sequence, head) freed at the previous step
             b, h, _, d = k.shape
             self.keys.scatter_(2, self.free.view(b, h, 1, 1).expand(b, h, 1, d), k)
             self.values.scatter_(2, self.free.view(b, h, 1, 1).expand(b, h, 1, v.shape[-1]), v)
-            self.pos.scatter_(2, self.free[..., None], self.seen)
+            self.pos.scatter_(2, self.free[..., None], self.seen_t.expand(b, h, 1))
             self.scores.scatter_(2, self.free[..., None], 0.0)
+            self.seen_t.add_(1)
         self.seen += 1
         return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
+
+
+    def _buf(self, name: str, shape, dtype) -> torch.Tensor:
+        """A decode buffer: the one kept from an earlier batch if it fits (fixed addresses), else new."""
+        t = self._bufs.get(name)
+        if t is None or t.shape != torch.Size(shape) or t.dtype != dtype:
+            t = self._bufs[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return t
 
 
 def _alloc(like: torch.Tensor, cap: int, zero: bool = False) -> torch.Tensor:

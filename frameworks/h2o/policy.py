@@ -44,9 +44,25 @@ class H2OPolicy(KVPolicy):
             m.h2o_policy = self  # how the registered attention function finds this batch's cache
 
     def new_cache(self, model, batch_size: int, max_len: int, prompt_len: int) -> Cache:
+        key = (batch_size, prompt_len)
+        if self.decode == "graph" and key in self._static:  # same slots, same addresses: the captured step holds
+            self.cache = self._static[key]
+            for layer in self.cache.layers:
+                layer.reset(prompt_len)
+            return self.cache
         layers = [H2OLayer(self.budget.sizes, prompt_len) for _ in range(model.config.num_hidden_layers)]
         self.cache = Cache(layers=layers)
+        if self.decode == "graph":
+            self._static.clear()  # one shape at a time, as KVPolicy.new_cache
+            self._static[key] = self.cache
         return self.cache
+
+    @property
+    def decode_mask(self) -> bool:
+        return False  # decode attends over the slots, every one of them filled once graph_ready
+
+    def graph_ready(self, cache: Cache) -> bool:
+        return all(layer.free is not None for layer in cache.layers)  # slots full: fixed shapes from now on
 
     def metrics(self) -> dict:
         out = {"h2o_heavy": self.heavy, "h2o_recent": self.recent, "h2o_slots": self.heavy + self.recent + 1,

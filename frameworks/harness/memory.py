@@ -2,7 +2,9 @@
 
 GPU: the allocator's peak (torch.cuda.max_memory_allocated) and the device-level memory in use,
 sampled from a thread (NVML through torch when present, else cudaMemGetInfo) — the latter also
-sees memory that other allocators (vLLM's, NCCL, CUDA context) hold. CPU: process RSS, sampled.
+sees memory that other allocators (vLLM's, NCCL, CUDA context) hold. CPU: process RSS, sampled;
+with tree=True the RSS of this process and all its descendants together (vLLM on CPU keeps model
+and KV cache in its engine-core child), each sample one sum.
 
 An engine whose allocator lives in another process (vLLM's engine core) passes `device_used`,
 a function returning the device-level bytes in use: the monitor then never touches torch.cuda
@@ -19,7 +21,7 @@ GB = 1e9
 
 
 class MemoryMonitor:
-    def __init__(self, device: str, interval_s: float = 0.01, device_used=None):
+    def __init__(self, device: str, interval_s: float = 0.01, device_used=None, tree: bool = False):
         self.device = device
         self.external = device_used is not None
         if self.external:
@@ -30,6 +32,7 @@ class MemoryMonitor:
         self.peak_rss = 0
         self.peak_device_used = 0
         self._proc = psutil.Process()
+        self.tree = tree
 
     def _device_used(self) -> int:
         import torch
@@ -40,8 +43,18 @@ class MemoryMonitor:
             free, total = torch.cuda.mem_get_info()
             return int(total - free)
 
+    def _rss(self) -> int:
+        rss = self._proc.memory_info().rss
+        if self.tree:
+            for child in self._proc.children(recursive=True):
+                try:
+                    rss += child.memory_info().rss
+                except psutil.NoSuchProcess:  # ended between listing and reading
+                    pass
+        return rss
+
     def _sample(self) -> None:
-        self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+        self.peak_rss = max(self.peak_rss, self._rss())
         if self.device == "cuda":
             self.peak_device_used = max(self.peak_device_used, self._device_used())
 

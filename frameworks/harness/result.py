@@ -10,8 +10,6 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-import jsonschema
-
 from frameworks.harness.metrics import RequestTiming, request_sample, summarize
 
 STATUSES = ("ok", "oom", "timeout", "error", "unsupported")
@@ -67,6 +65,8 @@ def build(spec: dict, cell_id: str, status: str, message: str, provenance: dict,
 
 
 def validate(result: dict, where: str = "result") -> None:
+    import jsonschema  # here: Measurement and Unsupported are used where jsonschema may be absent (GPU benchmarks)
+
     try:
         jsonschema.validate(result, schema())
     except jsonschema.ValidationError as e:

@@ -35,6 +35,7 @@ class CellSpec:
     kv_budget: float = 1.0
     prefill: str = "sdpa"  # eager | sdpa | flash | chunked
     chunk_size: int = 2048  # tokens per prefill chunk (prefill=chunked)
+    decode: str | None = None  # graph | eager (None: the framework's default, its decode_modes[0])
     request_rate: float | None = None  # req/s (inf: all at once); None: one offline batch
     num_requests: int | None = None  # request-rate cells only
     burstiness: float = 1.0  # gamma shape of inter-arrival times (1.0 = Poisson)
@@ -50,6 +51,11 @@ class CellSpec:
     # preset (config key gpu_memory_gb), not a sweep axis: on a larger card it brings back the
     # out-of-memory boundaries of the paper's smaller one (frameworks/harness/memory.py)
     gpu_memory_gb: float | None = None
+
+    def __post_init__(self):
+        if self.decode is None:  # resolved here, so a spec's dict and JSON always name the mode
+            fw = registry.FRAMEWORKS.get(self.framework)
+            object.__setattr__(self, "decode", fw.decode_modes[0] if fw else "graph")
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -98,6 +104,9 @@ class CellSpec:
             f"kv{_fmt(self.kv_budget)}",
             self.prefill + (str(self.chunk_size) if self.prefill == "chunked" else ""),
         ]
+        fw = registry.FRAMEWORKS.get(self.framework)
+        if fw is None or self.decode != fw.decode_modes[0]:  # the default mode keeps the ids as they were
+            parts.append(f"dec{self.decode}")
         if self.is_rate_cell:
             parts.append(f"rate{_fmt(self.request_rate)}-n{self.num_requests}")
             if self.burstiness != 1.0:
@@ -132,6 +141,7 @@ class CellSpec:
         )
         need(self.prefill in registry.PREFILL_MODES, f"prefill must be one of {registry.PREFILL_MODES}, got {self.prefill!r}")
         need(self.prefill in fw.prefill_modes, f"framework {fw.name} supports prefill {fw.prefill_modes}, not {self.prefill!r}")
+        need(self.decode in fw.decode_modes, f"framework {fw.name} supports decode {fw.decode_modes}, not {self.decode!r}")
         need(not fw.full_cache_only or self.kv_budget == 1.0, f"framework {fw.name} keeps the full KV cache: kv_budget must be 1.0")
         unknown = sorted(set(self.policy) - fw.policy_keys)
         need(not unknown, f"unknown policy key(s) {unknown} for {fw.name}; allowed: {sorted(fw.policy_keys)}")

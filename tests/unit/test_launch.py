@@ -62,3 +62,18 @@ def test_local_gpu_cell_runs_on_its_claimed_gpu(tmp_path):
     assert json.loads(out.read_text())["provenance"]["cuda_visible_devices"] == "fake0"
     assert "on GPU fake0" in p.stderr and ": start (local)" in p.stderr and "end, exit 0" in p.stderr
     assert Path(tmp_path / "locks" / "gpu-fake0.lock").exists()
+
+
+def test_local_cell_runs_in_the_python_it_is_given(tmp_path):
+    # vLLM cells run in their own venv: --python is the interpreter of the cell, a missing one
+    # is named before anything runs
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/argv\n")
+    fake.chmod(0o755)
+    p = subprocess.run([sys.executable, "-m", "workflow.lib.launch", "--runner", "local", "--python", str(fake), "--",
+                        "--spec", "{}", "--out", "x.json"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "argv").read_text().split() == ["-m", "frameworks.harness.run_cell", "--spec", "{}", "--out", "x.json"]
+    p = subprocess.run([sys.executable, "-m", "workflow.lib.launch", "--runner", "local", "--python",
+                        str(tmp_path / "nope"), "--", "--spec", "{}"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "is not an executable Python" in p.stderr

@@ -63,13 +63,34 @@ def test_sampling_gives_exactly_gen_len_tokens():
 
 
 @pytest.mark.parametrize("bad, why", [
-    (spec(device="cpu"), "CUDA GPU"),
+    (spec(model="gpt-oss-20b", device="cpu"), "AMX"),
     (spec(prompt_len=131072, gen_len=1), "context"),
     (spec(batch_size=64, prefill="chunked", chunk_size=32), "max_num_seqs"),
 ])
 def test_unsupported_cells_say_why(bad, why):
     with pytest.raises(Unsupported, match=why):
         ea.check_supported(bad)
+
+
+def test_cpu_cells_size_the_kv_cache_to_the_full_cache():
+    # CPU: a fixed size, so vLLM never sizes it from a share of the NUMA node (and refuses to start)
+    s = spec(model="tiny-llama-3.1", device="cpu", dtype="float32", batch_size=3, prompt_len=200, gen_len=56)
+    kw = ea.engine_kwargs(s, "/m")
+    cfg = models.config_dict("tiny-llama-3.1")
+    # 3 sequences of 256 tokens = 2 blocks of 128 each; K and V, 2 layers, 2 KV heads of 32, fp32
+    assert kw["kv_cache_memory_bytes"] == 3 * 2 * (2 * 128 * 2 * 32 * 4) * cfg["num_hidden_layers"]
+    assert kw["enforce_eager"] is True
+    layout = ea.kv_cache_layout(cfg, 6, ea.CPU_BLOCK_SIZE, "float32")
+    assert layout["kv_cache_bytes"] == kw["kv_cache_memory_bytes"] and layout["kv_capacity_tokens"] == 3 * 256
+    # a hybrid model: whole blocks for each of its groups
+    oss = models.config_dict("tiny-gpt-oss")
+    b = ea.full_cache_bytes(oss, 2, 256, 128, "float32")
+    assert ea.kv_cache_layout(oss, b // ea.kv_cache_layout(oss, 1, 128, "float32")["kv_cache_bytes"], 128,
+                              "float32")["kv_capacity_tokens"] == 2 * 256
+    # a fixed count of blocks in the policy: exactly those blocks' bytes, never a share of the node
+    kw = ea.engine_kwargs(spec(model="tiny-llama-3.1", device="cpu", dtype="float32", policy={"num_gpu_blocks": 9}), "/m")
+    assert kw["num_gpu_blocks_override"] == 9
+    assert kw["kv_cache_memory_bytes"] == ea.kv_cache_layout(cfg, 9, 128, "float32")["kv_cache_bytes"]
 
 
 def test_model_dir_holds_the_registry_config(tmp_path):

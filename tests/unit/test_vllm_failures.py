@@ -10,7 +10,7 @@ from frameworks.harness.memory import MemoryMonitor
 from frameworks.harness.metrics import RequestTiming, request_sample, summarize
 from frameworks.vllm import failures, nvml
 
-# as vLLM 0.11.0 prints them from the engine-core process (v1/core/kv_cache_utils.py; torch)
+# as vLLM prints them from the engine-core process (0.11.0 wording; 0.32.0 keeps the marked phrases) (v1/core/kv_cache_utils.py; torch)
 KV_TOO_SMALL = ("ValueError: To serve at least one request with the models's max seq len (131104), (16.01 GiB KV "
                 "cache is needed, which is larger than the available KV cache memory (9.48 GiB). Based on the "
                 "available memory, the estimated maximum model length is 77648. Try increasing "
@@ -29,6 +29,9 @@ def test_child_stderr_is_kept_and_passed_through(capfd):
 
 @pytest.mark.parametrize("text, oom", [(KV_TOO_SMALL, True), (CUDA_OOM, True),
                                        ("ValueError: No available memory for the cache blocks. Try ...", True),
+                                       # vLLM 0.32.0 on CPU (v1/worker/cpu_worker.py), as it failed here
+                                       ("ValueError: Available memory on node 0 (12.16/16.59 GiB) on startup is less "
+                                        "than desired CPU memory utilization (0.9, 14.93 GiB).", True),
                                        ("RuntimeError: Engine core initialization failed.", False)])
 def test_oom_causes(text, oom):
     assert (failures.oom_cause("INFO start\n" + text + "\nINFO end") is not None) == oom

@@ -1,6 +1,6 @@
-"""vLLM's outputs and metrics -> our schema, on data in vLLM 0.11.0's real formats.
+"""vLLM's outputs and metrics -> our schema, on data in vLLM 0.32.0's real formats.
 
-- bench_serve_detailed.json was written by vLLM 0.11.0's own vllm/benchmarks/serve.py
+- bench_serve_detailed.json was written by vLLM 0.32.0's own vllm/benchmarks/serve.py
   (`benchmark()`, result keys as `main()` saves them with --save-result --save-detailed; see
   fixtures/vllm/make_bench_serve_fixture.py): our metrics must reproduce vLLM's own numbers.
 - Prometheus snapshots: vllm/v1/metrics/reader.py dataclasses (Counter, Gauge, Histogram),
@@ -176,3 +176,18 @@ def test_metrics_from_vllms_own_prometheus_logger(tmp_path):
     assert d["mean_decode_ms"] == pytest.approx(1500.0)
     assert d["mean_tpot_ms"] == pytest.approx(1500.0 / 15)
     assert mapping.cache_config_info(after) == {"num_gpu_blocks": 777, "block_size": 16}
+
+
+def test_bench_serve_latencies_reproduce_vllms_means_and_survive_merged_chunks():
+    r = _bench()
+    lat = mapping.bench_serve_latencies(r)
+    assert len(lat) == r["completed"] == 11  # request 5 failed
+    mean = lambda k: sum(x[k] for x in lat) / len(lat)  # noqa: E731
+    assert mean("ttft_ms") == pytest.approx(r["mean_ttft_ms"])
+    assert mean("tpot_ms") == pytest.approx(r["mean_tpot_ms"])
+    assert mean("e2e_ms") == pytest.approx(r["mean_e2el_ms"])
+    # the server merged two tokens into one chunk: per-token times are refused, latencies still hold
+    merged = {**r, "itls": [itl[:-1] for itl in r["itls"]]}
+    with pytest.raises(ValueError, match="chunks"):
+        mapping.bench_serve_timings(merged)
+    assert mapping.bench_serve_latencies(merged) == lat

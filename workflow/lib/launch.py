@@ -4,7 +4,8 @@
         -- --spec '<json>' --out results/cells/.../<id>.json --threads 8
 
 The arguments after `--` are the cell command, the same for every runner:
-  local      python -m frameworks.harness.run_cell ARGS    (this Python environment)
+  local      python -m frameworks.harness.run_cell ARGS    (this Python environment, or --python:
+                                                           vLLM cells in their own venv)
   docker     docker run ... <image id> ARGS                (the image's entry point is run-cell)
   apptainer  apptainer exec --nv <image>.sif python -m frameworks.harness.run_cell ARGS
 Everything machine-specific (absolute paths, uid, GPU, image id, git commit) is decided here at
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runner", choices=RUNNERS, default="local")
     ap.add_argument("--image", help="docker: results/images/<fw>.iid; apptainer: results/images/<fw>.sif")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs the cell needs (0 or 1)")
+    ap.add_argument("--python", help="local: the Python of the cell's environment (vLLM's venv); default: this one")
     args = ap.parse_args(argv[:cut])
     cell_args = argv[cut + 1:]
     out = cell_option(cell_args, "--out") or "cell"
@@ -164,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     timeout_s = float(spec.get("timeout_s", 3600)) + GRACE_S
     env = dict(os.environ)
 
+    python = args.python or sys.executable
+    if args.python and not os.access(args.python, os.X_OK):
+        raise SystemExit(f"kvstudy-launch: --python {args.python} is not an executable Python")
     if args.runner == "local" and not args.gpus:  # CPU cell: nothing to claim, nothing to wrap
-        os.execv(sys.executable, [sys.executable, *CELL_MODULE, *cell_args])
+        os.execv(python, [python, *CELL_MODULE, *cell_args])
 
     claim = None
     gpu = None
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runner == "local":
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        rc = run([sys.executable, *CELL_MODULE, *cell_args], env, timeout_s, kill_group, fds)
+        rc = run([python, *CELL_MODULE, *cell_args], env, timeout_s, kill_group, fds)
     else:
         results_dir = Path("results")
         meta = {**git_env(), "KVSTUDY_IMAGE_ID": read_image_id(

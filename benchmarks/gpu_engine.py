@@ -1,0 +1,521 @@
+"""GPU benchmark of the transformers engine (issue 12): decode against the HBM floor, on one H200.
+
+    python benchmarks/gpu_engine.py --out DIR [--tiny] [--time-budget-s S]   (or benchmarks/gpu_engine.sh)
+
+Llama-3.1-8B architecture, random bf16, prompt 2048 + 256 generated. Measured in the same run:
+the HBM copy rate (device-to-device copy, bytes read + written / time) and the pinned PCIe rate
+(host-to-device copy from page-locked memory). floor = (weights read per step + KV bytes read per
+step) / HBM rate; weights read per step = every parameter except the input embedding (a lookup
+reads b rows). KV read per step: hf the mean cached length (prompt + gen/2) x batch; h2o its slots.
+Sections, in priority order, each in a worker process (a crash loses that group's remaining
+variants only, recorded as errors); every variant's result is appended to DIR/variants.jsonl as
+soon as it is measured, and a variant's exception is recorded and the next one runs:
+  engine     correctness on a tiny fp32 model on the GPU (graph == eager: logits within rtol/atol
+             1e-4, same greedy tokens; hf and h2o, batch 3, the capture really on), then the 8B model:
+             hf graph at batch 1/16/64 (3 repetitions: CV), h2o graph at budget 0.2 (chunked
+             prefill) at 1/16/64 with its bookkeeping (score update + eviction choice of every layer,
+             captured alone and timed), graph vs eager on the 8B model (bf16: report), hf eager,
+             hf graph with the matmul decode kernel instead of SDPA
+  infinigen  budget 0.2 at batch 1/8/32, with and without fetch (its decode is eager)
+  overhead   a fresh process: imports + 8B build + warm-up batch with the capture (bs 16)
+  ttft       h2o chunked prefill vs hf flash prefill at 32K
+  compile    hf with torch.compile(mode="reduce-overhead") instead of one CUDA graph, batch 1/16/64
+  ttft128k   the same at 131 064 tokens, if time is left
+Prints every target against its value; writes DIR/summary.json (targets, variants, rates,
+provenance). A time guard skips (and records) what would not fit. --tiny: tiny model on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_engine_report import print_report, summarize  # noqa: E402  (the targets: a file of their own)
+
+GROUPS = ("engine", "infinigen", "overhead", "ttft", "compile", "ttft128k")
+CV_MAX = 0.05
+
+
+def settings(tiny: bool) -> dict:
+    if tiny:
+        return dict(model="tiny-llama-3.1", device="cpu", dtype="float32", prompt=32, gen=8, reps=2,
+                    hf_batches=(1, 4), ig_batches=(1, 4), ttft=128, ttft_long=256, chunk=64)
+    return dict(model="llama-3.1-8b", device="cuda", dtype="bfloat16", prompt=2048, gen=256, reps=3,
+                hf_batches=(1, 16, 64), ig_batches=(1, 8, 32), ttft=32768, ttft_long=131064, chunk=4096)
+
+
+def plan(tiny: bool) -> list[dict]:
+    """(group, name, kind, params, est_s): what each worker runs, in order."""
+    S = settings(tiny)
+    v = []
+
+    def add(group, name, kind, est_s, **params):
+        v.append({"group": group, "name": name, "kind": kind, "est_s": 1.0 if tiny else est_s, "params": params})
+
+    add("engine", "rates", "rates", 5)
+    add("engine", "correct/tiny", "correct_tiny", 20)
+    for b in S["hf_batches"]:
+        add("engine", f"hf/graph/bs{b}", "decode", 8 + 0.3 * b, framework="hf", batch=b, decode="graph", reps=S["reps"])
+    for b in S["hf_batches"]:
+        add("engine", f"h2o/graph/bs{b}", "decode", 8 + 0.3 * b, framework="h2o", batch=b, decode="graph",
+            reps=S["reps"], kv_budget=0.2)
+    add("engine", "correct/8b", "correct_model", 15)
+    for b in S["hf_batches"]:
+        add("engine", f"hf/eager/bs{b}", "decode", 8 + 0.05 * b, framework="hf", batch=b, decode="eager", reps=1, gen=S["gen"] // 4)
+    for b in S["hf_batches"][1:]:
+        add("engine", f"hf/graph-matmul/bs{b}", "decode", 8 + 0.2 * b, framework="hf", batch=b, decode="graph",
+            reps=2, kernel="matmul")
+    add("engine", f"h2o/eager/bs{S['hf_batches'][1]}", "decode", 10, framework="h2o", batch=S["hf_batches"][1],
+        decode="eager", reps=1, gen=S["gen"] // 4, kv_budget=0.2)
+    for b in S["ig_batches"]:
+        for fetch in (True, False):
+            add("infinigen", f"infinigen/{'fetch' if fetch else 'nofetch'}/bs{b}", "decode", 12 + 0.3 * b,
+                framework="infinigen", batch=b, decode="eager", reps=1, gen=S["gen"] // 4, kv_budget=0.2, fetch=fetch)
+    add("overhead", "overhead/hf-graph/bs16", "overhead", 35, batch=4 if tiny else 16)
+    add("ttft", "ttft/hf-flash", "ttft", 10, framework="hf", prompt=S["ttft"])
+    add("ttft", "ttft/h2o-chunked", "ttft", 25, framework="h2o", prompt=S["ttft"])
+    if not tiny:  # torch.compile needs CUDA here (the CPU path has no capture)
+        for b in S["hf_batches"]:
+            add("compile", f"hf/compile/bs{b}", "decode", 70, framework="hf", batch=b, decode="graph", reps=2,
+                capture="compile")
+    add("ttft128k", "ttft128k/hf-flash", "ttft", 20, framework="hf", prompt=S["ttft_long"])
+    add("ttft128k", "ttft128k/h2o-chunked", "ttft", 130, framework="h2o", prompt=S["ttft_long"])
+    return v
+
+
+# -- measurements (worker side) -----------------------------------------------------------------------
+class Ctx:
+    def __init__(self, out: Path, tiny: bool):
+        import torch
+
+        self.torch, self.out, self.tiny, self.S = torch, out, tiny, settings(tiny)
+        self.dev = torch.device(self.S["device"])
+        self.model = None
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def get_model(self):
+        if self.model is None:
+            from frameworks import models
+
+            t0 = time.perf_counter()
+            self.model = models.build(self.S["model"], "random", self.S["device"], self.S["dtype"], "sdpa", seed=0)
+            self.build_s = time.perf_counter() - t0
+        return self.model
+
+    def free(self):
+        import gc
+
+        gc.collect()
+        if self.dev.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+
+def spec_of(ctx: Ctx, framework: str, batch: int, prompt: int, gen: int, decode: str, kv_budget: float = 1.0,
+            prefill: str | None = None):
+    from frameworks.harness.spec import CellSpec
+
+    S = ctx.S
+    prefill = prefill or {"hf": "sdpa", "h2o": "chunked", "infinigen": "flash"}[framework]
+    if prefill == "flash" and S["device"] == "cpu":
+        prefill = "sdpa" if framework == "hf" else "chunked"
+    return CellSpec.from_dict(dict(experiment="gpu_engine", framework=framework, model=S["model"], batch_size=batch,
+                                   prompt_len=prompt, gen_len=gen, kv_budget=kv_budget, prefill=prefill,
+                                   chunk_size=S["chunk"], decode=decode, device=S["device"], dtype=S["dtype"]))
+
+
+def policy_cls(framework: str):
+    if framework == "h2o":
+        from frameworks.h2o.policy import H2OPolicy
+
+        return H2OPolicy
+    if framework == "infinigen":
+        from frameworks.infinigen.policy import InfiniGenPolicy
+
+        return InfiniGenPolicy
+    from frameworks.hf.policy import KVPolicy
+
+    return KVPolicy
+
+
+def make_engine(ctx: Ctx, spec, model, capture="cuda_graph", fetch=True):
+    from frameworks.hf.engine import Engine
+
+    policy = policy_cls(spec.framework)(spec)
+    if spec.framework == "infinigen":
+        policy.fetch = fetch
+    model.set_attn_implementation(policy.attn_implementation(spec.prefill))
+    policy.prepare(model)
+    return policy, Engine(model, policy, spec.device, spec.prefill, spec.chunk_size,
+                          max_len=spec.prompt_len + spec.gen_len, capture=capture)
+
+
+def unhook(model) -> None:
+    """InfiniGen's prepare() hooks every decoder layer, H2O's hangs itself on the attention modules:
+    drop both before the next policy (and free its caches)."""
+    for m in model.modules():
+        m._forward_pre_hooks.clear()
+        m.__dict__.pop("h2o_policy", None)
+
+
+def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0, kernel="sdpa", capture="cuda_graph",
+               fetch=True) -> dict:
+    from frameworks.harness import workload
+    from frameworks.hf import attention
+
+    S, torch = ctx.S, ctx.torch
+    gen = gen or S["gen"]
+    model = ctx.get_model()
+    spec = spec_of(ctx, framework, batch, S["prompt"], gen, decode, kv_budget)
+    attention.decode_kernel = kernel
+    try:
+        policy, engine = make_engine(ctx, spec, model, capture, fetch)
+        prompts = workload.prompts(0, batch, S["prompt"], model.config.vocab_size)
+        t0 = time.perf_counter()
+        engine.generate(prompts, min(gen, 4))  # the runner's warm-up: same shapes, captures the step
+        warm_s = time.perf_counter() - t0
+        if hasattr(policy, "reset_metrics"):
+            policy.reset_metrics()
+        rows = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            times = engine.generate(prompts, gen)
+            steps = [b - a for a, b in zip(times, times[1:])]
+            rows.append({"ttft_s": times[0] - t0, "wall_s": times[-1] - t0, "step_ms_p50": statistics.median(steps) * 1e3,
+                         "step_ms_mean": (times[-1] - times[0]) / (gen - 1) * 1e3,
+                         "output_tok_s": batch * gen / (times[-1] - t0),
+                         "decode_tok_s": batch * (gen - 1) / (times[-1] - times[0])})
+        emb = model.get_input_embeddings().weight
+        tied = emb.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        res = {"spec": spec.to_dict(), "warmup_s": warm_s,
+               "weights_read_bytes": weights - (0 if tied else emb.numel() * emb.element_size()), "reps": rows, "graph": engine.graph_stats(),
+               "step_ms": statistics.median(r["step_ms_p50"] for r in rows),
+               "kv_cache_bytes": engine.kv_bytes_peak,
+               "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if ctx.dev.type == "cuda" else None}
+        for key in ("output_tok_s", "decode_tok_s"):
+            xs = [r[key] for r in rows]
+            res[f"cv_{key}"] = statistics.pstdev(xs) / statistics.mean(xs) if len(xs) > 1 else None
+        if framework == "h2o":
+            res["h2o_slots"] = policy.heavy + policy.recent + 1
+            res["bookkeeping_ms"] = h2o_bookkeeping_ms(ctx, policy.cache)
+        if framework == "infinigen":
+            m = policy.metrics()
+            res["fetched_bytes_per_step"] = m.get("fetched_bytes_per_step")
+            res["infinigen"] = {k: m.get(k) for k in ("fetched_tokens_per_step", "gather_bandwidth_gbps", "decode_steps")}
+        return res
+    finally:
+        attention.decode_kernel = "sdpa"
+        unhook(model)
+        if ctx.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+
+def h2o_bookkeeping_ms(ctx: Ctx, cache) -> float:
+    with ctx.torch.inference_mode():  # the cache's tensors are inference tensors
+        return _h2o_bookkeeping_ms(ctx, cache)
+
+
+def _h2o_bookkeeping_ms(ctx: Ctx, cache) -> float:
+    """Per decode step, all layers: score update + eviction choice (add_step_scores) and the slot's
+    position/score reset, on the cache's real state. Captured alone on CUDA (as in the step)."""
+    torch = ctx.torch
+    layers = cache.layers
+    probs = [torch.rand(layer.scores.shape, dtype=layer.scores.dtype, device=layer.scores.device) * 1e-3 for layer in layers]
+
+    def book():
+        for layer, p in zip(layers, probs):
+            b, h = layer.pos.shape[:2]
+            layer.pos.scatter_(2, layer.free[..., None], layer.seen_t.expand(b, h, 1))
+            layer.scores.scatter_(2, layer.free[..., None], 0.0)
+            layer.add_step_scores(p)
+
+    n = 50 if ctx.dev.type == "cuda" else 5
+    if ctx.dev.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            book()
+        return (time.perf_counter() - t0) / n * 1e3
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        book()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        book()
+    g.replay()
+    torch.cuda.synchronize()
+    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        g.replay()
+    e.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(e) / n
+
+
+def run_rates(ctx: Ctx) -> dict:
+    torch = ctx.torch
+    if ctx.dev.type != "cuda":
+        x = torch.empty(2**27, dtype=torch.uint8)
+        y = torch.empty_like(x)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            y.copy_(x)
+        return {"hbm_bytes_s": 2 * x.numel() * 5 / (time.perf_counter() - t0), "pcie_bytes_s": None,
+                "note": "CPU: memcpy rate stands in for HBM; no PCIe"}
+    x = torch.empty(2**31, dtype=torch.uint8, device="cuda")  # 2 GiB
+    y = torch.empty_like(x)
+    h = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
+    d = torch.empty(h.shape, dtype=torch.uint8, device="cuda")
+
+    def timed(fn, n):
+        fn()
+        torch.cuda.synchronize()
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(e) / 1e3 / n
+
+    hbm = 2 * x.numel() / timed(lambda: y.copy_(x), 20)  # read + write
+    pcie = h.numel() / timed(lambda: d.copy_(h, non_blocking=True), 10)
+    del x, y, h, d
+    ctx.free()
+    return {"hbm_bytes_s": hbm, "pcie_bytes_s": pcie}
+
+
+def _compare(a, b) -> dict:
+    torch = __import__("torch")
+    la, lb = torch.stack(a.step_logits), torch.stack(b.step_logits)
+    tok = (a.last_tokens == b.last_tokens).float().mean().item()
+    ok = torch.allclose(la, lb, rtol=1e-4, atol=1e-4)
+    return {"max_abs_logit_diff": (la - lb).abs().max().item(), "logit_scale": lb.abs().max().item(),
+            "token_agreement": tok, "within_tol_1e-4": bool(ok), "pass": bool(ok) and tok == 1.0}
+
+
+def run_correct(ctx: Ctx, model_name: str, dtype: str, batch: int, prompt: int, gen: int) -> dict:
+    """graph == eager on this device (the capture is on where there is CUDA), hf and h2o."""
+    from frameworks import models
+    from frameworks.harness import workload
+    from frameworks.harness.spec import CellSpec
+
+    model = ctx.get_model() if model_name == ctx.S["model"] else models.build(model_name, "random", ctx.S["device"],
+                                                                               dtype, "sdpa", seed=0)
+    out = {}
+    for fw, kw in (("hf", {}), ("h2o", {"kv_budget": 0.4})):
+        engines = {}
+        for decode in ("eager", "graph"):
+            spec = CellSpec.from_dict(dict(experiment="gpu_engine", framework=fw, model=model_name, batch_size=batch,
+                                           prompt_len=prompt, gen_len=gen, prefill="sdpa" if fw == "hf" else "chunked",
+                                           chunk_size=ctx.S["chunk"], decode=decode, device=ctx.S["device"], dtype=dtype,
+                                           **kw))
+            _, e = make_engine(ctx, spec, model)
+            e.collect_logits = True
+            prompts = workload.prompts(1, batch, prompt, model.config.vocab_size)
+            e.generate(prompts[::-1].copy(), min(gen, 4))  # the warm-up: captures
+            e.generate(prompts, gen)
+            engines[decode] = e
+        stats = engines["graph"].graph_stats()
+        out[fw] = {**_compare(engines["graph"], engines["eager"]), "graph": stats}
+        # on CUDA the graph path must really have been captured and replayed
+        out[fw]["pass"] = out[fw]["pass"] and (ctx.dev.type != "cuda" or stats["decode_graphs"] >= 1)
+        unhook(model)
+    return out
+
+
+def run_ttft(ctx: Ctx, framework: str, prompt: int) -> dict:
+    from frameworks.harness import workload
+
+    model = ctx.get_model()
+    spec = spec_of(ctx, framework, 1, prompt, 2, "graph", prefill="flash" if framework == "hf" else "chunked")
+    try:
+        _, engine = make_engine(ctx, spec, model)
+        vocab = model.config.vocab_size
+        engine.generate(workload.prompts(0, 1, min(prompt, 4096), vocab), 2)  # kernels warm, not the cell's shape
+        ids = workload.prompts(0, 1, prompt, vocab)
+        t0 = time.perf_counter()
+        times = engine.generate(ids, 2)
+        return {"spec": spec.to_dict(), "ttft_s": times[0] - t0}
+    finally:
+        ctx.free()
+
+
+def run_overhead(ctx: Ctx, batch: int) -> dict:
+    """A fresh process, as a cell: interpreter start, imports, model build, warm-up batch (capture)."""
+    t0 = time.time()
+    cmd = [sys.executable, __file__, "--overhead-child", "--batch", str(batch), "--t0", repr(t0)] + (["--tiny"] if ctx.tiny else [])
+    # the parent holds the model: give the child the GPU memory it needs
+    ctx.model = None
+    ctx.free()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    if p.returncode:
+        raise RuntimeError(f"overhead child exited {p.returncode}: {p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def overhead_child(tiny: bool, batch: int, t0: float) -> None:
+    t_imp = time.time()
+    import torch  # noqa: F401
+
+    from frameworks import models
+    from frameworks.harness import workload
+    from frameworks.hf.engine import Engine
+    from frameworks.hf.policy import KVPolicy
+
+    t_built0 = time.time()
+    ctx_s = settings(tiny)
+    spec = type("S", (), {"decode": "graph"})()
+    policy = KVPolicy(spec)
+    model = models.build(ctx_s["model"], "random", ctx_s["device"], ctx_s["dtype"], policy.attn_implementation("sdpa"), 0)
+    if ctx_s["device"] == "cuda":
+        torch.cuda.synchronize()
+    t_built = time.time()
+    engine = Engine(model, policy, ctx_s["device"], "sdpa", ctx_s["chunk"], max_len=ctx_s["prompt"] + ctx_s["gen"])
+    engine.generate(workload.prompts(0, batch, ctx_s["prompt"], model.config.vocab_size), 4)
+    t_ready = time.time()
+    print(json.dumps({"start_to_main_s": t_imp - t0, "imports_s": t_built0 - t_imp, "build_s": t_built - t_built0,
+                      "warmup_with_capture_s": t_ready - t_built, "graph": engine.graph_stats(),
+                      "total_s": t_ready - t0}))
+
+
+MEASURE = {"rates": lambda c, p: run_rates(c), "decode": lambda c, p: run_decode(c, **p),
+           "correct_tiny": lambda c, p: run_correct(c, "tiny-llama-3.1", "float32", 3, 40, 12 if c.dev.type == "cuda" else 6),
+           "correct_model": lambda c, p: run_correct(c, c.S["model"], c.S["dtype"], 2, c.S["prompt"], 16 if c.dev.type == "cuda" else 4),
+           "ttft": lambda c, p: run_ttft(c, **p), "overhead": lambda c, p: run_overhead(c, **p)}
+
+
+def worker(out: Path, group: str, tiny: bool, deadline: float) -> None:
+    ctx = Ctx(out, tiny)
+    done = {json.loads(line)["name"] for line in _lines(out)}
+    for v in plan(tiny):
+        if v["group"] != group or v["name"] in done:
+            continue
+        row = {"name": v["name"], "group": group, "kind": v["kind"], "params": v["params"]}
+        left = deadline - time.time()
+        if v["est_s"] > left:
+            _append(out, {**row, "status": "skipped", "message": f"time guard: needs ~{v['est_s']:.0f} s, {left:.0f} s left"})
+            continue
+        (out / "inflight").write_text(v["name"])
+        t0 = time.time()
+        try:
+            res = MEASURE[v["kind"]](ctx, v["params"])
+            row.update(status="ok", message="", result=res)
+        except BaseException as e:  # noqa: BLE001 - one variant's failure must not lose the rest
+            oom = "out of memory" in str(e).lower()
+            row.update(status="oom" if oom else "error", message=f"{type(e).__name__}: {str(e)[:1500]}",
+                       traceback=traceback.format_exc()[-4000:])
+            if isinstance(e, KeyboardInterrupt):
+                raise
+        row["wall_s"] = time.time() - t0
+        _append(out, row)
+        (out / "inflight").unlink(missing_ok=True)
+        print(f"[gpu_engine] {v['name']}: {row['status']} {row['message'][:200]} ({row['wall_s']:.1f} s)", flush=True)
+        ctx.free()
+
+
+def _lines(out: Path) -> list[str]:
+    p = out / "variants.jsonl"
+    return [x for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+
+
+def finite(x):
+    """NaN / inf -> None, recursively: strict JSON, and a bad number never loses a row."""
+    if isinstance(x, float):
+        return x if x == x and abs(x) != float("inf") else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
+def _append(out: Path, row: dict) -> None:
+    with open(out / "variants.jsonl", "a") as f:
+        f.write(json.dumps(finite(row), allow_nan=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def orchestrate(out: Path, tiny: bool, budget_s: float, groups: list[str]) -> int:
+    t_start = time.time()
+    deadline = t_start + budget_s
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(plan(tiny), indent=1))
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
+    for group in [g for g in GROUPS if g in groups]:
+        if time.time() >= deadline:
+            break
+        cmd = [sys.executable, __file__, "--worker", group, "--out", str(out), "--deadline", str(deadline)]
+        cmd += ["--tiny"] if tiny else []
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=max(1.0, deadline - time.time() + 5))
+            why = f"worker exited {rc}" if rc else ""
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            why = "killed at the time budget"
+        inflight = out / "inflight"
+        if inflight.exists():
+            _append(out, {"name": inflight.read_text(), "group": group, "status": "error", "message": why})
+            inflight.unlink()
+    done = {json.loads(x)["name"] for x in _lines(out)}
+    for v in plan(tiny):
+        if v["name"] not in done and v["group"] in groups:
+            _append(out, {"name": v["name"], "group": v["group"], "status": "skipped", "message": "not reached (time or crash)"})
+    summary = summarize(out, tiny)
+    summary["wall_s"] = time.time() - t_start
+    summary["command"] = [sys.executable, *sys.argv]
+    (out / "summary.json").write_text(json.dumps(finite(summary), indent=1, allow_nan=False, default=str))
+    print_report(summary)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="output folder")
+    ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script (~3 min on 2 cores)")
+    ap.add_argument("--time-budget-s", type=float, default=None, help="stop starting work after this (default 490; tiny 400)")
+    ap.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups to run (default all: {','.join(GROUPS)})")
+    ap.add_argument("--worker", choices=GROUPS, help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--overhead-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
+    ap.add_argument("--t0", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.overhead_child:
+        overhead_child(args.tiny, args.batch, args.t0)
+        return 0
+    if not args.out:
+        ap.error("--out is required")
+    if args.tiny:
+        import torch
+
+        torch.set_num_threads(2)
+    if args.worker:
+        worker(Path(args.out), args.worker, args.tiny, args.deadline)
+        return 0
+    groups = [g for g in args.only.split(",") if g]
+    bad = sorted(set(groups) - set(GROUPS))
+    if bad:
+        ap.error(f"unknown group(s) {bad}; known: {', '.join(GROUPS)}")
+    return orchestrate(Path(args.out), args.tiny, args.time_budget_s or (400.0 if args.tiny else 490.0), groups)
+
+if __name__ == "__main__":
+    sys.exit(main())

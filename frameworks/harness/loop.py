@@ -1,0 +1,60 @@
+"""The one measurement loop of every framework: the cell's requests, warm-up, repetitions under
+the memory monitor. Adapters supply only how one batch runs on their engine.
+
+Before this module the transformers runner and the vLLM adapter each had a copy, the vLLM one
+"drawn exactly as hf draws them" by convention; now both call `requests` and `measure`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from frameworks.harness import workload
+from frameworks.harness.memory import MemoryMonitor
+
+# warm-up runs the cell's shapes with at most this many decode steps (compiles, caches, graphs)
+WARMUP_GEN_LEN = 4
+
+
+def requests(spec, vocab_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The cell's prompts and, for request-rate cells, their arrival offsets in seconds
+    (None for offline cells: every request at t=0). Same seed, same load, on every framework."""
+    prompts = workload.prompts(spec.seed, spec.n_requests, spec.prompt_len, vocab_size)
+    if not spec.is_rate_cell:
+        return prompts, None
+    return prompts, workload.arrival_times(spec.seed, spec.n_requests, spec.request_rate, spec.burstiness)
+
+
+def warmup_gen_len(spec) -> int:
+    return min(spec.gen_len, WARMUP_GEN_LEN)
+
+
+@dataclass
+class Measured:
+    timings: list  # RequestTiming of every request of every repetition
+    rep_durations_s: list[float]
+    memory: dict  # MemoryMonitor.result()
+    warmup_s: float
+
+
+def measure(spec, warm: Callable[[int], object], rep: Callable[[int], tuple[list, float]],
+            monitor: MemoryMonitor, before_measure: Callable[[], object] | None = None) -> Measured:
+    """spec.warmup calls of warm(w), then spec.repetitions calls of rep(r) -> (timings, duration_s)
+    inside `monitor`. before_measure runs between the two (reset peaks, snapshot counters)."""
+    t0 = time.perf_counter()
+    for w in range(spec.warmup):
+        warm(w)
+    warmup_s = time.perf_counter() - t0
+    if before_measure is not None:
+        before_measure()
+    timings, durations = [], []
+    with monitor:
+        for r in range(spec.repetitions):
+            t, d = rep(r)
+            timings += t
+            durations.append(d)
+    return Measured(timings, durations, monitor.result(), warmup_s)
