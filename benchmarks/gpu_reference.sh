@@ -58,7 +58,7 @@ python3 -c "import snakemake, jsonschema, torch; assert torch.cuda.is_available(
 
 call=$(( $(ls results/run/call*.json 2>/dev/null | wc -l) + 1 ))
 run=results/run
-commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+commit=${KVSTUDY_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}  # the device copy's .git can lag the tree: the caller may name it
 { nvidia-smi && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$run/nvidia-smi-call$call.txt" 2>&1
 python3 -m pip freeze > "$run/pip-freeze-call$call.txt" 2>/dev/null
 git status --porcelain --untracked-files=no > "$run/git-status-call$call.txt" 2>/dev/null
