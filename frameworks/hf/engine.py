@@ -36,7 +36,7 @@ class Engine:
         self.max_len = max_len
         self.capture = capture
         self._steps: dict[int, tuple] = {}  # id(cache) -> (cache, DecodeStep), the current cache only
-        self._pool = None  # one CUDA graph memory pool for all captured steps
+        self._pool = None  # the CUDA graph memory pool of the current captured step
         self._graph_stats = {"graphs": 0, "capture_s": 0.0}
 
     def _sync(self) -> None:
@@ -94,7 +94,10 @@ class Engine:
         entry = self._steps.get(id(cache))
         if entry is None or entry[0] is not cache:
             self._steps.clear()  # the policy keeps one cache at a time: the old step's graph goes with it
-            if self.device.type == "cuda" and self._pool is None:
+            # a fresh memory pool per captured step: a pool whose last graph was freed is released by
+            # the caching allocator, and capturing into its old handle fails an internal assert
+            # (seen on an H200 when a request-rate cell's batch size changed)
+            if self.device.type == "cuda":
                 self._pool = torch.cuda.graph_pool_handle()
             entry = (cache, DecodeStep(self.model, cache, b, max_len, self.device, self.policy.decode_mask,
                                        self.capture, self._pool, self._graph_stats))
