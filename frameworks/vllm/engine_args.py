@@ -139,9 +139,10 @@ CPU_BLOCK_SIZE = 128
 
 def full_cache_bytes(config: dict, seqs: int, seq_len: int, block_size: int, kv_dtype: str) -> int:
     """Bytes of a KV pool that holds `seqs` sequences of `seq_len` tokens at once: whole blocks
-    per sequence, the same count for every group (the inverse of kv_cache_layout)."""
+    per sequence, the same count for every group, plus vLLM's null block (the inverse of
+    kv_cache_layout)."""
     layout = kv_cache_layout(config, 1, block_size, kv_dtype)
-    blocks = seqs * -(-seq_len // block_size) * layout["kv_groups"]
+    blocks = seqs * -(-seq_len // block_size) * layout["kv_groups"] + 1
     return blocks * layout["kv_cache_bytes"]
 
 
@@ -178,8 +179,9 @@ def kv_cache_layout(config: dict, num_blocks: int, block_size: int, kv_dtype: st
     v1/core/kv_cache_utils.py: layers of one attention type form groups of `group_size` layers
     (the fewest layers of any type); the pool is group_size tensors of num_blocks pages, each
     shared by one layer of every group, so bytes = num_blocks * page * group_size. The blocks are
-    shared by the groups: capacity = num_blocks // n_groups * block_size tokens (as vLLM logs
-    "GPU KV cache size"). One attention type: one group of all layers.
+    shared by the groups, less the null block the BlockPool holds back (v1/core/block_pool.py;
+    vLLM 0.32.0's capacity check reserves it too): capacity = (num_blocks - 1) // n_groups *
+    block_size tokens. One attention type: one group of all layers.
     """
     counts = Counter(attention_types(config))
     group_size = min(counts.values())
@@ -190,5 +192,5 @@ def kv_cache_layout(config: dict, num_blocks: int, block_size: int, kv_dtype: st
         "block_size": block_size,
         "kv_groups": n_groups,
         "kv_cache_bytes": num_blocks * page * group_size,
-        "kv_capacity_tokens": num_blocks // n_groups * block_size,
+        "kv_capacity_tokens": max(num_blocks - 1, 0) // n_groups * block_size,
     }

@@ -15,7 +15,7 @@ def dry(repo, *config):
     [
         (["preset=nosuch"], "unknown preset 'nosuch'"),
         (["preset=smoke", "frameworks=[deepspeed]"], "frameworks.0: 'deepspeed' is not one of"),
-        (["preset=smoke", "frameworks=[vllm]"], "'vllm' is not in preset 'smoke'"),
+        (["preset=gpu2", "frameworks=[vllm]"], "'vllm' is not in preset 'gpu2'"),  # smoke has every framework
         (["preset=smoke", "models=[llama-9b]"], "unknown model 'llama-9b'"),
         (["preset=smoke", "runnr=local"], "unknown key"),
         (["preset=smoke", "frameworks=hf"], "frameworks: 'hf' is not of type 'array'"),
