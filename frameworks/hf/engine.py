@@ -28,6 +28,7 @@ class Engine:
         self.collect_logits = False  # tests: keep every step's logits
         self.step_logits: list[torch.Tensor] = []
         self.last_tokens: torch.Tensor | None = None
+        self.calls: list[tuple[int, int, int]] = []  # teacher_forced: (batch, tokens, KV bytes on the device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -75,3 +76,34 @@ class Engine:
                     self.kv_bytes_peak = max(self.kv_bytes_peak, self.policy.kv_bytes(cache))
         self.last_tokens = out
         return times
+
+    # -- accuracy hook (frameworks/accuracy): score tokens after the policy compressed the context --
+    @torch.inference_mode()
+    def teacher_forced(self, context_ids, feed_ids, gen_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill `context_ids` [b, L] (the policy evicts / offloads as in a real run), then feed
+        `feed_ids` [b, n] one token per step through the decode path, then generate `gen_len`
+        tokens greedily. Returns (logits [b, n, vocab] float32 on the CPU, where logits[:, i] is the
+        prediction of feed_ids[:, i] — i = 0 from the prefill, the rest from decode steps — and the
+        generated tokens [b, gen_len]). The last fed token is forwarded only when gen_len > 0.
+        """
+        ctx = torch.as_tensor(context_ids, device=self.device)
+        feed = torch.as_tensor(feed_ids, device=self.device)
+        b, length = ctx.shape
+        n = feed.shape[1]
+        cache = self.policy.new_cache(self.model, b, length + n + gen_len)
+        out_logits = []
+        gen = torch.empty((b, gen_len), dtype=torch.long, device=self.device)
+        with self._attention_ctx():
+            logits = self._prefill(ctx, cache)
+            for i in range(n):
+                out_logits.append(logits.float().cpu())
+                if i < n - 1 or gen_len:
+                    logits = self._forward(feed[:, i:i + 1], length + i, cache)
+            for step in range(gen_len):
+                if step:
+                    logits = self._forward(gen[:, step - 1:step], length + n + step - 1, cache)
+                gen[:, step] = logits.argmax(-1)
+        kv = self.policy.kv_bytes(cache)
+        self.kv_bytes_peak = max(self.kv_bytes_peak, kv)
+        self.calls.append((b, length + n + gen_len - 1, kv))
+        return torch.stack(out_logits, 1) if out_logits else torch.empty(b, 0, 0), gen.cpu()
