@@ -22,7 +22,7 @@ import numpy as np
 
 SPECIALS = ("<pad>", "<s>", "</s>", "fact", "ask", ".")
 PAD, BOS, EOS, FACT, ASK, FILL = range(len(SPECIALS))  # FACT: unused (a fact is one token)
-N_VALUES = 16
+N_VALUES = 8
 EARLY_FACTS = 4  # facts planted at the start; the final question asks about one of them
 ASK_P = 0.5  # probability that a distractor turn is a question rather than a new fact
 

@@ -30,14 +30,16 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def recall(model, vocab: facts.Vocab, seed: int, length: int, n: int) -> float:
-    """Full-cache exact-match recall of the final question, one forward (the hf baseline)."""
+def recall(model, vocab: facts.Vocab, seed: int, length: int, n: int, batch: int = 16) -> float:
+    """Full-cache exact-match recall of the final question, one forward (the hf baseline); the
+    same held-out trials as the fact_retention cells (facts.trials)."""
     import torch
 
     ctx, query, answer = facts.trials(seed, vocab, n, length)
-    ids = torch.as_tensor(np.concatenate([ctx, query], 1))
+    ids = torch.as_tensor(np.concatenate([ctx, query], 1), device=next(model.parameters()).device)
     with torch.inference_mode():
-        pred = model(input_ids=ids, logits_to_keep=1).logits[:, -1].argmax(-1).numpy()
+        pred = torch.cat([model(input_ids=ids[s:s + batch], logits_to_keep=1).logits[:, -1].argmax(-1).cpu()
+                          for s in range(0, n, batch)]).numpy()
     return float((pred == answer).mean())
 
 
@@ -55,7 +57,7 @@ def train(name: str, out: Path, overrides: dict | None = None, eval_lengths=(), 
     if seq_len > models.max_context(name):
         raise ValueError(f"model {name}: seq_len {seq_len} exceeds its context of {models.max_context(name)}")
     torch.set_num_threads(settings["threads"])
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(device == "cpu")  # the CPU promise; CUDA would need cuBLAS settings
     torch.manual_seed(seed)
     vocab = facts.Vocab(models.config_dict(name)["vocab_size"])
     model = models.build(name, "random", device, "float32", "sdpa", seed).train()
@@ -85,7 +87,7 @@ def train(name: str, out: Path, overrides: dict | None = None, eval_lengths=(), 
     tokenizer.build(vocab).save_pretrained(out)
     recalls = {}
     for length in eval_lengths:
-        recalls[str(length)] = recall(model.to(device), vocab, seed, length, eval_n) if device == "cpu" else None
+        recalls[str(length)] = recall(model, vocab, seed, length, eval_n)
         log(f"full-cache recall at {length} tokens: {recalls[str(length)]}")
     record = {"model": name, "settings": settings, "train_s": round(train_s, 2), "loss_first": losses[0],
               "loss_last": losses[-1], "losses": losses, "recall_full_cache": recalls, "eval_n": eval_n,

@@ -7,7 +7,7 @@ import pytest
 
 from frameworks.accuracy import facts, train
 
-V = facts.Vocab(1110)
+V = facts.Vocab(158)
 
 
 def test_sequences_have_exact_length_and_one_answer_per_question():

@@ -112,6 +112,11 @@ def get_trainer_code(wildcards) -> list[str]:
     ) + ["frameworks/models/registry.yaml", "frameworks/models/__init__.py"]
 
 
+def get_trainer_gpus(wildcards) -> int:
+    # the registry's `train.device`: the GPU model trains on a GPU of its own, the CPU one on none
+    return 1 if models.entry(wildcards.trained)["train"].get("device") == "cuda" else 0
+
+
 def get_trainer_eval_lengths(wildcards) -> str:
     # the full-cache recall in the training log, at the context lengths the preset evaluates
     lengths = sorted(

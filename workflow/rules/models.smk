@@ -13,6 +13,8 @@ rule train_model:
         "logs/benchmarks/models/{trained}.tsv"
     wildcard_constraints:
         trained="|".join(TRAINED_MODELS) or "no-trained-model",
+    resources:
+        gpu=get_trainer_gpus,
     params:
         out=lambda wildcards: f"results/models/{wildcards.trained}",
         lengths=get_trainer_eval_lengths,
