@@ -85,13 +85,11 @@ def _key(name: str) -> str:
 def worker(out: Path, deadline: float) -> None:
     import gc
     import importlib
-    import traceback
 
     import torch
 
     from frameworks import models, registry
-    from frameworks.harness import provenance, result
-    from frameworks.harness.worker import is_oom, now
+    from frameworks.harness.outcome import run_and_record
 
     built: dict = {}
     original_build = models.build
@@ -117,21 +115,12 @@ def worker(out: Path, deadline: float) -> None:
             _write(path, {**cell, "status": "skipped", "message": skip, "record": None})
             continue
         (out / "inflight").write_text(cell["name"])
-        started, t0 = now(), time.time()
-        measurement, status, message = None, "ok", ""
-        try:
-            measurement = importlib.import_module(registry.get(spec.framework).adapter).run(spec)
-        except BaseException as e:  # noqa: BLE001 - classified like the pipeline's worker
-            if is_oom(e):
-                status, message = "oom", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            else:
-                traceback.print_exc()
-                status, message = "error", f"{type(e).__name__}: {e}"
-        record = result.build(spec.to_dict(), spec.cell_id, status, message, provenance.collect(spec.seed), started,
-                              now(), measurement)
+        t0 = time.time()
+        # classified and recorded as the pipeline's worker does (frameworks/harness/outcome.py)
+        record = run_and_record(spec, lambda: importlib.import_module(registry.get(spec.framework).adapter).run(spec))
+        status, message = record["status"], record["message"]
         _write(path, {**cell, "status": status, "message": message, "wall_s": time.time() - t0, "record": record})
         print(f"[gpu_h2o] {cell['name']}: {status} {message[:120]} ({time.time() - t0:.1f} s)", flush=True)
-        measurement = None
         for model in built.values():  # the policy (and its last cache) hangs on the attention modules
             for m in model.modules():
                 m.__dict__.pop("h2o_policy", None)

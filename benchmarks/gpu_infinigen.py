@@ -42,8 +42,8 @@ import torch  # noqa: E402
 
 from frameworks import models  # noqa: E402
 from frameworks.harness import provenance, result  # noqa: E402
+from frameworks.harness.outcome import run_and_record  # noqa: E402
 from frameworks.harness.spec import CellSpec  # noqa: E402
-from frameworks.harness.worker import is_oom, now  # noqa: E402
 from frameworks.hf.policy import KVPolicy  # noqa: E402
 from frameworks.hf.runner import run_engine_cell  # noqa: E402
 from frameworks.infinigen.policy import InfiniGenPolicy  # noqa: E402
@@ -86,22 +86,10 @@ class Bench:
             row.update(status="skipped", message=f"time guard: needs ~{est_s:.0f} s, {self.left():.0f} s left")
             self.rows.append(row)
             return row
-        started, t = now(), time.perf_counter()
-        meas, status, message = None, "ok", ""
-        try:
-            meas = run_engine_cell(spec, policy_cls)
-        except result.Unsupported as e:
-            status, message = "unsupported", str(e)
-        except BaseException as e:  # noqa: BLE001 - an OOM is a result; anything else is recorded too
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            if is_oom(e):
-                status, message = "oom", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            else:
-                status, message = "error", f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-        rec = result.build(spec.to_dict(), spec.cell_id, status, message, self.prov, started, now(),
-                           meas if status == "ok" else None)
+        t = time.perf_counter()
+        # classified and recorded as the pipeline's worker does (frameworks/harness/outcome.py)
+        rec = run_and_record(spec, lambda: run_engine_cell(spec, policy_cls), self.prov)
+        status, message = rec["status"], rec["message"]
         rec["extra"]["bench_policy"] = fw
         rec["extra"]["wall_s"] = time.perf_counter() - t
         result.write_atomic(self.out / "cells" / f"{section}_{name}.json", rec)
@@ -115,7 +103,6 @@ class Bench:
                        fetched_bytes_per_step=x.get("fetched_bytes_per_step"), h2d_gbps=x.get("h2d_bandwidth_gbps"),
                        gather_ms_per_step=x.get("gather_ms_per_step"), gather_gbps=x.get("gather_bandwidth_gbps"),
                        selected_bytes_per_step=x.get("selected_bytes_per_step"))
-        del meas
         self.rows.append(row)
         gc.collect()
         if torch.cuda.is_available():
@@ -270,7 +257,8 @@ def overlap(p: dict, bench: Bench) -> list[dict]:
                     batch_size=max(p["overlap_batches"]), prompt_len=p["prompt"], gen_len=p["overlap_gen"], kv_budget=0.2)
     est = 20 + sum(p["overlap_rounds"] * len(OVERLAP_VARIANTS) * (2 + 0.3 * b) for b in p["overlap_batches"])
     if est > bench.left():
-        bench.rows.append({"section": "overlap", "name": "all", "status": "skipped",
+        bench.rows.append({"section": "overlap", "name": "all", "policy": "infinigen", "batch": spec.batch_size,
+                           "prompt": spec.prompt_len, "prefill": spec.prefill, "status": "skipped",  # the table's columns
                            "message": f"time guard: needs ~{est:.0f} s, {bench.left():.0f} s left"})
         return []
     torch.manual_seed(spec.seed)

@@ -9,8 +9,11 @@ py=${PYTHON:-python3}
 pin=$(sed -n 's/^ *"\(snakemake==[^"]*\)",*/\1/p' pyproject.toml)
 rm -rf .whl && mkdir .whl
 echo "$pin" > .whl/requirements.in
+# the index pip is configured with (PIP_INDEX_URL or pip.conf: a mirror or proxy), so that uv and
+# the pip downloads below read the same one; none configured: uv's default (PyPI, or UV_INDEX_URL)
+index=${PIP_INDEX_URL:-$($py -m pip config get global.index-url 2>/dev/null || true)}
 uv pip compile .whl/requirements.in --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
-    --index-url https://pypi.org/simple --no-header --no-annotate --quiet --output-file .whl/requirements.txt
+    ${index:+--index-url "$index"} --no-header --no-annotate --quiet --output-file .whl/requirements.txt
 while read -r req; do
     [[ -z "$req" || "$req" == \#* ]] && continue
     $py -m pip download --quiet --no-deps --dest .whl --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -15,6 +15,11 @@ class Framework:
     adapter: str  # module with run(spec)
     description: str
     full_cache_only: bool  # True: kv_budget must be 1.0
+    label: str  # its name in figures and tables
+    # True: runs on the transformers engine (frameworks/hf): its image is FROM the engine stage, and
+    # prefill=flash is torch's flash-attention SDPA kernel on CUDA, which has no float32 version
+    # (vLLM's `flash` means unchunked prefill and takes any dtype)
+    on_engine: bool
     prefill_modes: tuple[str, ...]
     policy_keys: frozenset[str] = field(default_factory=frozenset)
     # "module:function" (torch-free) raising ValueError for a policy a cell cannot run; called by
@@ -29,34 +34,43 @@ FRAMEWORKS: dict[str, Framework] = {
     for f in (
         Framework(
             name="hf",
+            label="HF full cache",
             adapter="frameworks.hf.adapter",
             description="transformers engine, full KV cache on the GPU (baseline of the KV policies)",
             full_cache_only=True,
             prefill_modes=PREFILL_MODES,
+            on_engine=True,
         ),
         Framework(
             name="h2o",
+            label="H2O",
             adapter="frameworks.h2o.adapter",
             description="H2O heavy-hitter eviction on the transformers engine",
             full_cache_only=False,
             prefill_modes=("eager", "chunked"),
             policy_keys=frozenset({"heavy_ratio", "recent_ratio", "heavy_size", "recent_size"}),
             policy_check="frameworks.h2o.budget:check",
+            on_engine=True,
         ),
         Framework(
             name="infinigen",
+            label="InfiniGen",
             adapter="frameworks.infinigen.adapter",
             description="InfiniGen: KV cache in CPU memory, speculative prefetch",
             full_cache_only=False,
             prefill_modes=("eager", "flash", "chunked"),
-            policy_keys=frozenset({"alpha", "partial_weight_ratio", "max_num_kv", "full_layers"}),
+            policy_keys=frozenset({"alpha", "partial_weight_ratio", "max_num_kv", "full_layers", "budget_rule",
+                                  "speculation_input", "partial_columns", "min_fetch"}),
             policy_check="frameworks.infinigen.options:check",
+            on_engine=True,
         ),
         Framework(
             name="vllm",
+            label="vLLM",
             adapter="frameworks.vllm.adapter",
             description="vLLM (PagedAttention, continuous batching)",
             full_cache_only=True,
+            on_engine=False,
             prefill_modes=("flash", "chunked"),
             policy_keys=frozenset(
                 {"gpu_memory_utilization", "num_gpu_blocks", "kv_cache_memory_bytes", "enforce_eager", "max_num_seqs"}

@@ -23,15 +23,13 @@ class H2OLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, sizes, expected_prompt_len: int, chunk_size: int | None):
+    def __init__(self, sizes, prompt_len: int):
         super().__init__()
         self.sizes = sizes  # prompt_len -> (heavy, recent)
-        # The layer must know when the prompt ends. Cells have exact-length prompts, so: after the
-        # first forward (eager: the whole prompt), or at the cell's prompt_len or a partial chunk
-        # (chunked). A shorter prompt is still handled: see update().
-        self.expected_prompt_len = expected_prompt_len
-        self.chunk_size = chunk_size  # None: the prompt comes in one forward
-        self._last_n = 0  # tokens of the last prompt forward
+        # The layer must know when the prompt ends: the engine says how long this batch's prompt is
+        # (KVPolicy.new_cache). Guessing it from forward sizes is wrong: a one-token last chunk
+        # looks like a decode step, and evicting before it attends changes the logits.
+        self.prompt_len = prompt_len
         self.seen = 0  # tokens given to this layer so far = position of the next one
         self.decoding = False  # False: holding the prompt; True: fixed slots
         self.scores: torch.Tensor | None = None  # prefill: [B, Hkv, cap] by position; decode: [B, Hkv, S] by slot
@@ -51,15 +49,13 @@ class H2OLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        if not self.decoding and self.seen and n == 1 < (self.chunk_size or 1) and self.seen + 1 != self.expected_prompt_len:
-            # a chunked prompt shorter than the cell's and a whole number of chunks: this is decode
-            self._compact()
         if self.decoding:
             if n != 1:
-                raise NotImplementedError(f"h2o: a {n}-token forward after the prompt: prompts longer than the "
-                                          f"cell's prompt_len ({self.expected_prompt_len}) are not supported, and "
+                raise NotImplementedError(f"h2o: a {n}-token forward after the {self.prompt_len}-token prompt: "
                                           "decode feeds one token per sequence per step")
             return self._append_slot(key_states, value_states)
+        if self.seen + n > self.prompt_len:
+            raise ValueError(f"h2o: a prompt forward up to token {self.seen + n} of a {self.prompt_len}-token prompt")
         return self._append_prompt(key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -76,8 +72,8 @@ class H2OLayer(CacheLayerMixin):
     def add_prompt_scores(self, col: torch.Tensor) -> None:
         """col [B, Hkv, seen]: attention received by each prompt token from this forward's queries."""
         self.scores[..., : col.shape[-1]] += col
-        if self.chunk_size is None or self.seen >= self.expected_prompt_len or self._last_n < self.chunk_size:
-            self._compact()  # the prompt is complete (a partial chunk is the last one)
+        if self.seen == self.prompt_len:
+            self._compact()  # the prompt is complete: evict before the first decode step
 
     def add_step_scores(self, probs: torch.Tensor) -> None:
         """probs [B, Hkv, filled]: this decode step's attention, summed over the group's query heads."""
@@ -104,16 +100,14 @@ class H2OLayer(CacheLayerMixin):
     # -- internals -----------------------------------------------------------------------------
     def _append_prompt(self, k: torch.Tensor, v: torch.Tensor):
         n, end = k.shape[-2], self.seen + k.shape[-2]
-        self._last_n = n
-        if self.seen == 0 and n >= self.expected_prompt_len:
+        if self.seen == 0 and n == self.prompt_len:
             self.keys, self.values = k, v  # the whole prompt in one forward (eager): no copy
             self.scores = torch.zeros(k.shape[:2] + (n,), dtype=self.score_dtype, device=k.device)
         else:
-            if self.keys is None or end > self.keys.shape[-2]:  # chunked: allocate the prompt once
-                cap = max(end, self.expected_prompt_len)
-                self.keys, self.values = _grow(self.keys, k, cap, self.seen), _grow(self.values, v, cap, self.seen)
-                self.scores = _grow(self.scores, k.new_zeros(k.shape[:2] + (1,), dtype=self.score_dtype), cap,
-                                    self.seen, zero=True)
+            if self.keys is None:  # chunked: allocate the prompt once
+                cap = self.prompt_len
+                self.keys, self.values = _alloc(k, cap), _alloc(v, cap)
+                self.scores = _alloc(k.new_zeros(k.shape[:2] + (1,), dtype=self.score_dtype), cap, zero=True)
             self.keys[:, :, self.seen:end] = k
             self.values[:, :, self.seen:end] = v
         self.seen = end
@@ -161,9 +155,6 @@ class H2OLayer(CacheLayerMixin):
         return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
 
 
-def _grow(old: torch.Tensor | None, like: torch.Tensor, cap: int, used: int, zero: bool = False) -> torch.Tensor:
+def _alloc(like: torch.Tensor, cap: int, zero: bool = False) -> torch.Tensor:
     shape = like.shape[:2] + (cap,) + like.shape[3:]
-    new = like.new_zeros(shape) if zero else like.new_empty(shape)
-    if old is not None and used:
-        new[:, :, :used] = old[:, :, :used]
-    return new
+    return like.new_zeros(shape) if zero else like.new_empty(shape)

@@ -7,6 +7,7 @@ from transformers.cache_utils import Cache
 from frameworks.h2o import attention
 from frameworks.h2o.budget import Budget
 from frameworks.h2o.cache import H2OLayer
+from frameworks.harness.result import Unsupported
 from frameworks.hf.policy import KVPolicy
 
 # model_type -> attention module class: the architectures whose attention calls the registered
@@ -33,18 +34,17 @@ class H2OPolicy(KVPolicy):
         model_type = getattr(model.config, "model_type", None)
         arch = ",".join(getattr(model.config, "architectures", None) or [type(model).__name__])
         if model_type not in SUPPORTED:
-            raise ValueError(f"h2o does not support the architecture {arch} (model_type {model_type!r}); "
+            raise Unsupported(f"h2o does not support the architecture {arch} (model_type {model_type!r}); "
                              f"supported model types: {', '.join(SUPPORTED)}")
         modules = [m for m in model.modules() if type(m).__name__ == SUPPORTED[model_type]]
         if len(modules) != model.config.num_hidden_layers:
-            raise ValueError(f"h2o: expected {model.config.num_hidden_layers} {SUPPORTED[model_type]} modules in {arch}, "
+            raise Unsupported(f"h2o: expected {model.config.num_hidden_layers} {SUPPORTED[model_type]} modules in {arch}, "
                              f"found {len(modules)}")
         for m in modules:
             m.h2o_policy = self  # how the registered attention function finds this batch's cache
 
-    def new_cache(self, model, batch_size: int, max_len: int) -> Cache:
-        chunk = self.spec.chunk_size if self.spec.prefill == "chunked" else None
-        layers = [H2OLayer(self.budget.sizes, self.spec.prompt_len, chunk) for _ in range(model.config.num_hidden_layers)]
+    def new_cache(self, model, batch_size: int, max_len: int, prompt_len: int) -> Cache:
+        layers = [H2OLayer(self.budget.sizes, prompt_len) for _ in range(model.config.num_hidden_layers)]
         self.cache = Cache(layers=layers)
         return self.cache
 

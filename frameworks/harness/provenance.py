@@ -21,7 +21,8 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def _git() -> dict:
+def git_state() -> dict:
+    """{"commit", "dirty"} of this checkout (None where unknown); the launcher passes it to images."""
     # The docker runner has no .git inside the image: it passes the host's view in the env.
     if os.environ.get("KVSTUDY_GIT_COMMIT"):
         return {"commit": os.environ["KVSTUDY_GIT_COMMIT"], "dirty": os.environ.get("KVSTUDY_GIT_DIRTY") == "1"}
@@ -63,7 +64,7 @@ def collect(seed: int, with_gpu: bool = True) -> dict:
         **(_gpu() if with_gpu else {}),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "image_id": os.environ.get("KVSTUDY_IMAGE_ID"),
-        "git": _git(),
+        "git": git_state(),
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "seed": seed,

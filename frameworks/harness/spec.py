@@ -28,7 +28,14 @@ class CellSpec:
     batch_size: int = 1  # offline: the batch; request-rate cells: the largest batch
     prompt_len: int = 512  # exact prompt tokens per request
     gen_len: int = 32  # exact generated tokens per request
-    kv_budget: float = 1.0  # fraction of the sequence whose KV the GPU keeps (1.0 = full)
+    # in (0, 1], 1.0 = the full cache; its meaning is the policy's (one per framework):
+    #   h2o        the fraction of the PROMPT whose KV stays on the GPU (heavy + recent tokens;
+    #              the paper's "20%" is heavy 0.1 + recent 0.1), fixed through decode
+    #   infinigen  the fraction of the SEQUENCE fetched from CPU memory per step and speculated
+    #              layer: a cap of kv_budget x (prompt_len + gen_len) tokens (upstream's max_num_kv),
+    #              or x the current length (policy budget_rule=current); the whole KV lives on the host
+    #   hf, vllm   always 1.0
+    kv_budget: float = 1.0
     prefill: str = "sdpa"  # eager | sdpa | flash | chunked
     chunk_size: int = 2048  # tokens per prefill chunk (prefill=chunked)
     request_rate: float | None = None  # req/s (inf: all at once); None: one offline batch
@@ -142,6 +149,9 @@ class CellSpec:
                 need(False, str(e))
         need(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(not (fw.on_engine and self.prefill == "flash" and self.device == "cuda" and self.dtype == "float32"),
+             f"prefill=flash on CUDA needs dtype bfloat16 or float16 ({fw.name} runs torch's flash-attention kernel, "
+             "which has no float32 version); use prefill=sdpa for float32")
         need(self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s!r}")
         if self.is_rate_cell:
             need(self.request_rate > 0, f"request_rate must be > 0 (or inf), got {self.request_rate!r}")

@@ -10,23 +10,10 @@ import argparse
 import importlib
 import json
 import sys
-import traceback
-from datetime import datetime, timezone
 
 from frameworks import registry
-from frameworks.harness import provenance, result
+from frameworks.harness.outcome import is_oom, now, run_and_record  # noqa: F401 - is_oom, now: imported from here
 from frameworks.harness.spec import CellSpec
-
-
-def is_oom(e: BaseException) -> bool:
-    if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,23 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    started = now()
-    measurement, status, message = None, "ok", ""
-    try:
-        adapter = importlib.import_module(registry.get(spec.framework).adapter)
-        measurement = adapter.run(spec)
-    except result.Unsupported as e:
-        status, message = "unsupported", str(e)
-    except BaseException as e:  # noqa: BLE001 - classify, then report
-        if is_oom(e):
-            status, message = "oom", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        else:
-            traceback.print_exc()
-            status, message = "error", f"{type(e).__name__}: {e}"
-    record = result.build(
-        spec.to_dict(), spec.cell_id, status, message, provenance.collect(spec.seed), started, now(),
-        measurement if status == "ok" else None,
-    )
+    record = run_and_record(spec, lambda: importlib.import_module(registry.get(spec.framework).adapter).run(spec))
     with open(args.record, "w") as f:
         json.dump(record, f, allow_nan=False)
     return 0

@@ -58,7 +58,7 @@ class Engine:
         """Run one batch; return the host time at which each step's tokens were available."""
         ids = torch.as_tensor(prompt_ids, device=self.device)
         b, length = ids.shape
-        cache = self.policy.new_cache(self.model, b, length + gen_len)
+        cache = self.policy.new_cache(self.model, b, length + gen_len, length)
         self.step_logits = []
         out = torch.empty((b, gen_len), dtype=torch.long, device=self.device)
         times = []

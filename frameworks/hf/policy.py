@@ -28,14 +28,21 @@ class KVPolicy:
     def prepare(self, model) -> None:
         """Called once after the model is built (hooks, weight transforms)."""
 
-    def new_cache(self, model, batch_size: int, max_len: int) -> Cache:
-        """A fresh cache for one batch of `batch_size` sequences of at most `max_len` tokens."""
+    def new_cache(self, model, batch_size: int, max_len: int, prompt_len: int) -> Cache:
+        """A fresh cache for one batch of `batch_size` sequences of at most `max_len` tokens whose
+        prompts are `prompt_len` tokens long: the forwards that write the first `prompt_len`
+        tokens are prefill, whatever their size (a one-token last chunk is still prefill), every
+        later one is a decode step."""
         return Cache(layers=[PreallocatedLayer(max_len) for _ in range(model.config.num_hidden_layers)])
 
     def kv_bytes(self, cache: Cache) -> int:
         """Bytes of KV held on the compute device by this cache now."""
         return sum(t.numel() * t.element_size() for layer in cache.layers
                    for t in (layer.keys, layer.values) if t is not None)
+
+    def reset_metrics(self) -> None:
+        """Forget what metrics() counted so far (called after the warm-up: counters cover the
+        measured repetitions only)."""
 
     def metrics(self) -> dict:
         """Policy-specific measurements for the result's `extra` (e.g. bytes fetched)."""

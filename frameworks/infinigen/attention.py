@@ -2,7 +2,8 @@
 
 Prefill delegates to the stock implementation of the prefill mode: the model's own eager
 attention (materialises the attention matrix: the paper's OOM boundary) or SDPA (flash on CUDA
-under the engine's `flash` mode). Decode (one query token per sequence) runs `decode_attention`
+under the engine's `flash` mode). Decode (one query token per sequence after the prompt: the cache says which forward is which,
+so a one-token last prefill chunk is still prefill) runs `decode_attention`
 over whatever keys the cache returned — the fetched rows plus the new token — so the causal
 mask, sized for the full sequence, does not apply there; a speculated layer's fetch is padded to
 a static size, and the cache leaves the padding's bias (0 / -inf per fetched row) on the module
@@ -51,8 +52,12 @@ def _attention(prefill_fn):
         sink = getattr(module, "_infinigen_capture", None)
         if sink is not None:
             sink.append((query.detach(), key.detach()))
-        if query.shape[2] == 1:
+        if module.__dict__.pop("_infinigen_decode", False):  # the cache said: a decode step, not prefill
             return decode_attention(query, key, value, scaling, module.__dict__.get("_infinigen_bias")), None
+        prompt = module.__dict__.pop("_infinigen_prompt", None)
+        if prompt is not None:  # a speculated layer picks its partial columns from the prompt's queries
+            cache, layer, last = prompt
+            cache.prompt_queries(layer, query, key, last)
         fn = prefill_fn(module)
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 

@@ -57,14 +57,20 @@ class InfiniGenLayer(CacheLayerMixin):
 
 
 class InfiniGenCache(Cache):
-    def __init__(self, policy, store, batch: int, max_len: int):
+    def __init__(self, policy, store, batch: int, max_len: int, prompt_len: int):
         arch = policy.arch
         super().__init__(layers=[InfiniGenLayer(self, i, i < policy.full_layers) for i in range(arch.n_layers)])
         self.policy, self.arch, self.store = policy, arch, store
         self.transfer = policy.transfer
-        self.batch, self.max_len = batch, max_len
+        # the first prompt_len tokens are prefill whatever the chunking (a one-token last chunk
+        # too: it attends to the whole prompt); every later forward is a decode step
+        self.batch, self.max_len, self.prompt_len = batch, max_len, prompt_len
         dev, dtype = policy.device, policy.dtype
         b, hkv, d = batch, arch.n_kv_heads, arch.head_dim
+        # each speculated layer's partial weights: the warm-up's columns, replaced at the end of
+        # prefill by the prompt's own (partial_columns "prefill", upstream)
+        self.parts = dict(policy.skews)
+        self._col_scores: dict[int, torch.Tensor] = {}  # layer -> [Hkv, d] summed |skewed query| of the prompt
         self.partial_k = {j: torch.empty((b, hkv, max_len, s.proj.shape[-1]), dtype=dtype, device=dev)
                           for j, s in policy.skews.items()}
         cuda = self.transfer.cuda
@@ -84,7 +90,7 @@ class InfiniGenCache(Cache):
 
     # -- launch points ------------------------------------------------------------------
     def on_layer_start(self, i: int, hidden: torch.Tensor, position_embeddings) -> None:
-        if hidden.shape[1] != 1 or self.layers[i].length == 0:
+        if self.layers[i].length < self.prompt_len:
             return  # prefill: nothing to speculate
         if i == 0:
             self.transfer.stats["steps"] += 1
@@ -102,8 +108,9 @@ class InfiniGenCache(Cache):
         length = self.layers[j].length
         cap = self.policy.cap(length)
         partial_k = self.partial_k[j][:, :, :length]
-        sk = self.policy.skews[j]
-        alpha = self.policy.alpha
+        sk = self.parts[j]
+        alpha, min_fetch = self.policy.alpha, self.policy.opts.min_fetch
+        norm = j - 1 if self.policy.opts.speculation_input == "own_norm" else j
 
         # the step's first speculation makes the RoPE table (on the side stream, from cos/sin,
         # which are then record_stream'ed); later layers reuse it: the model passes every layer
@@ -114,8 +121,8 @@ class InfiniGenCache(Cache):
         def speculate():
             if fresh:
                 self._rope = (position_embeddings[0], skew.rope_table(position_embeddings))
-            pq = skew.partial_query(self.arch, j, sk, hidden, position_embeddings, self._rope[1])
-            return select.select(select.scores(pq, partial_k), alpha, cap)
+            pq = skew.partial_query(self.arch, j, sk, hidden, position_embeddings, self._rope[1], norm)
+            return select.select(select.scores(pq, partial_k), alpha, cap, min_fetch)
 
         # partial_k lives as long as the cache; the table is made and used on the side stream only
         extra = tuple(position_embeddings) if fresh else ()
@@ -128,11 +135,23 @@ class InfiniGenCache(Cache):
         end = start + n
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} tokens > preallocated {self.max_len}")
+        prefill = start < self.prompt_len
+        if prefill and end > self.prompt_len:
+            raise RuntimeError(f"layer {i}: a forward of tokens {start}..{end} crosses the end of the "
+                               f"{self.prompt_len}-token prompt")
+        if not prefill and n != 1:
+            raise RuntimeError(f"layer {i}: a {n}-token decode step (decode feeds one token per sequence)")
         self.transfer.append(self.store, i, start, key, value)
-        if not layer.full:
-            self.partial_k[i][:, :, start:end] = torch.matmul(key, self.policy.skews[i].proj)
+        columns_from_prompt = prefill and not layer.full and self.policy.opts.partial_columns == "prefill"
+        if not layer.full and not columns_from_prompt:
+            self.partial_k[i][:, :, start:end] = torch.matmul(key, self.parts[i].proj)
         layer.length = end
-        if n > 1 or start == 0:
+        # read (and cleared) by the attention function right after this update (same module forward)
+        attn = self.arch.attn(i)
+        attn.__dict__["_infinigen_decode"] = not prefill
+        if columns_from_prompt:  # the attention hands this forward's queries to prompt_queries
+            attn.__dict__["_infinigen_prompt"] = (self, i, end == self.prompt_len)
+        if prefill:
             return self._prefill_kv(i, start, key, value)
         pending = self.pending[i]
         self.pending[i] = None
@@ -147,6 +166,21 @@ class InfiniGenCache(Cache):
         # read by decode_attention right after this update (same module forward)
         self.arch.attn(i).__dict__["_infinigen_bias"] = got.bias
         return torch.cat([got.keys, key], dim=2), torch.cat([got.values, value], dim=2)
+
+    def prompt_queries(self, i: int, query: torch.Tensor, key: torch.Tensor, last: bool) -> None:
+        """Prefill of speculated layer i (partial_columns "prefill", upstream's
+        partial_weight_index_generation): add this forward's queries [B, Hq, T, d] to the column
+        scores; after the prompt's last forward (key: the whole prompt's [B, Hkv, L, d]) keep the
+        top columns and build the layer's partial weights and partial keys from them."""
+        sk = self.policy.skews[i]
+        score = skew.column_scores(query, self.arch.n_kv_heads, sk.rot)
+        score = score + self._col_scores.pop(i) if i in self._col_scores else score
+        if not last:
+            self._col_scores[i] = score
+            return
+        cols = score.topk(sk.cols.shape[-1], dim=-1).indices.sort(dim=-1).values
+        self.parts[i] = part = skew.partial(self.arch, i, cols, sk.rot)
+        self.partial_k[i][:, :, : key.shape[2]] = torch.matmul(key, part.proj)
 
     def _prefill_kv(self, i: int, start: int, key: torch.Tensor, value: torch.Tensor):
         if start == 0:

@@ -1,10 +1,24 @@
 """InfiniGen's policy keys, their defaults and checks. Torch-free: the host validates every cell
 of a preset with `check` before any cell runs (registry.Framework.policy_check).
 
-alpha (default 4, logit units: a token is critical when its speculated logit is > max - alpha),
-partial_weight_ratio (0.2: share of a head's dimensions kept for speculation), max_num_kv (a
-token cap per sequence and kv head; default: the cell's kv_budget x the current sequence
-length), full_layers (1: the first layers load the whole cache, as upstream).
+The defaults are upstream's (snu-comparch/InfiniGen, speedup/): each key that departs from it
+names the alternative this artifact used before, kept for comparison (README, InfiniGen).
+
+alpha (4, logit units): a token is critical when its speculated logit is > max - alpha.
+partial_weight_ratio (0.2): share of a head's dimensions kept for speculation.
+max_num_kv (None): a fixed token cap per sequence and kv head (upstream's --max-num-kv); None:
+    from kv_budget by `budget_rule`.
+budget_rule ("fixed"): with max_num_kv None, the cap is kv_budget x (prompt_len + gen_len)
+    tokens, fixed for the whole cell like upstream's max_num_kv (upstream's 400 for 1920 + 128
+    tokens is kv_budget 0.195); "current": kv_budget x the current sequence length, each step.
+full_layers (1): the first layers load the whole cache, as upstream.
+speculation_input ("own_norm"): layer i speculates layer i+1 from its own normalised attention
+    input (upstream); "next_norm": layer i+1's norm applied to layer i's un-normalised input.
+partial_columns ("prefill"): the kept columns are picked from each batch's prompt at prefill
+    (upstream: the summed |skewed query| of its first sequence); "warmup": once, from the
+    warm-up queries that also give the skew.
+min_fetch (0): fewest tokens a speculated layer fetches per step; upstream fetches none when
+    no token is within alpha (alpha = 0), 1 was this artifact's former floor.
 """
 
 from __future__ import annotations
@@ -12,7 +26,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DEFAULTS = {"alpha": 4.0, "partial_weight_ratio": 0.2, "max_num_kv": None, "full_layers": 1}
+DEFAULTS = {"alpha": 4.0, "partial_weight_ratio": 0.2, "max_num_kv": None, "full_layers": 1, "budget_rule": "fixed",
+            "speculation_input": "own_norm", "partial_columns": "prefill", "min_fetch": 0}
+CHOICES = {"budget_rule": ("fixed", "current"), "speculation_input": ("own_norm", "next_norm"),
+           "partial_columns": ("prefill", "warmup")}
 
 
 @dataclass(frozen=True)
@@ -21,6 +38,10 @@ class Options:
     ratio: float
     max_num_kv: int | None
     full_layers: int
+    budget_rule: str = DEFAULTS["budget_rule"]
+    speculation_input: str = DEFAULTS["speculation_input"]
+    partial_columns: str = DEFAULTS["partial_columns"]
+    min_fetch: int = DEFAULTS["min_fetch"]
 
 
 def _number(name, v) -> float:
@@ -49,7 +70,11 @@ def parse(policy: dict | None) -> Options:
         full_layers = _integer("full_layers", opts["full_layers"], 1)
     except ValueError as e:
         raise ValueError(f"{e} (layer 0 has no previous layer to speculate from)") from None
-    return Options(alpha, ratio, max_num_kv, full_layers)
+    for key, allowed in CHOICES.items():
+        if opts[key] not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {opts[key]!r}")
+    return Options(alpha, ratio, max_num_kv, full_layers, opts["budget_rule"], opts["speculation_input"],
+                   opts["partial_columns"], _integer("min_fetch", opts["min_fetch"], 0))
 
 
 def check(spec) -> None:

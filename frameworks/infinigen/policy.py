@@ -31,6 +31,7 @@ class InfiniGenPolicy(KVPolicy):
         super().__init__(spec)
         opts = options.parse(spec.policy)
         self.alpha, self.ratio, self.max_num_kv, self.full_layers = opts.alpha, opts.ratio, opts.max_num_kv, opts.full_layers
+        self.opts = opts
         self.kv_budget = float(spec.kv_budget)
         self._store: HostStore | None = None
         self.skews: dict = {}
@@ -39,8 +40,15 @@ class InfiniGenPolicy(KVPolicy):
         return attention.EAGER if prefill == "eager" else attention.SDPA
 
     def cap(self, length: int) -> int:
-        """KV budget in tokens per sequence and kv head, for a sequence of `length` tokens."""
-        cap = self.max_num_kv if self.max_num_kv is not None else int(self.kv_budget * length)
+        """KV budget in tokens per sequence and kv head, for a sequence of `length` tokens:
+        max_num_kv, else kv_budget x the cell's whole sequence (budget_rule fixed: upstream's
+        fixed cap) or x the current length (current)."""
+        if self.max_num_kv is not None:
+            cap = self.max_num_kv
+        elif self.opts.budget_rule == "fixed":
+            cap = int(round(self.kv_budget * (self.spec.prompt_len + self.spec.gen_len), 6))
+        else:
+            cap = int(round(self.kv_budget * length, 6))
         return max(1, min(cap, length))
 
     # -- load time ------------------------------------------------------------------------
@@ -68,7 +76,7 @@ class InfiniGenPolicy(KVPolicy):
             cache.on_layer_start(i, hidden, kwargs.get("position_embeddings"))
 
     # -- per batch --------------------------------------------------------------------------
-    def new_cache(self, model, batch_size: int, max_len: int) -> InfiniGenCache:
+    def new_cache(self, model, batch_size: int, max_len: int, prompt_len: int) -> InfiniGenCache:
         a = self.arch
         shape = (a.n_layers, max_len, batch_size, a.n_kv_heads, a.head_dim, self.dtype)
         if self._store is None or not self._store.fits(*shape):
@@ -78,7 +86,10 @@ class InfiniGenPolicy(KVPolicy):
                 self._store.close()
                 self._store = None
             self._store = HostStore(*shape, pin=self.transfer.cuda, device=self.device)
-        return InfiniGenCache(self, self._store, batch_size, max_len)
+        return InfiniGenCache(self, self._store, batch_size, max_len, prompt_len)
+
+    def reset_metrics(self) -> None:
+        self.transfer.reset_stats()
 
     def kv_bytes(self, cache) -> int:
         return cache.device_bytes()
@@ -94,7 +105,9 @@ class InfiniGenPolicy(KVPolicy):
         return {
             "infinigen": {
                 "alpha": self.alpha, "partial_weight_ratio": self.ratio, "max_num_kv": self.max_num_kv,
-                "kv_budget": self.kv_budget, "full_layers": self.full_layers,
+                "kv_budget": self.kv_budget, "full_layers": self.full_layers, "budget_rule": self.opts.budget_rule,
+                "speculation_input": self.opts.speculation_input, "partial_columns": self.opts.partial_columns,
+                "min_fetch": self.opts.min_fetch,
                 "partial_dims": int(next(iter(self.skews.values())).proj.shape[-1]) if self.skews else None,
                 "skew_energy_kept": float(np.mean([v.energy for v in self.skews.values()])) if self.skews else None,
                 "gather": ("uva-" if t.cuda else "cpu-") + t.gather,

@@ -2,8 +2,8 @@
 
 Upstream's rule (kv_selection_controller.speculate_attention): a token is critical for a query
 head when its speculated logit is > max - alpha; the number fetched is the mean count over
-sequences and heads (one number for the batch, so transfers stay rectangular), capped by the
-KV budget; each sequence and head then takes its own top tokens. With GQA the rows fetched are
+sequences and heads (one number for the batch, so transfers stay rectangular, floored as
+upstream's int(mean): 0 when alpha = 0), capped by the KV budget; each sequence and head then takes its own top tokens. With GQA the rows fetched are
 per kv head, so a kv head's score of a token is the max over its query heads (a token stays if
 any head of the group needs it); the count is still averaged over query heads as upstream.
 
@@ -24,16 +24,17 @@ def scores(partial_q: torch.Tensor, partial_k: torch.Tensor) -> torch.Tensor:
     return torch.matmul(partial_q, partial_k.transpose(-1, -2)).float()
 
 
-def select(logits: torch.Tensor, alpha: float, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select(logits: torch.Tensor, alpha: float, cap: int, min_fetch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, Hkv, G, L] -> (idx [B, Hkv, min(cap, L)] by decreasing score, k: 0-d long).
 
-    Use the first k indices of every row; k in [1, min(cap, L)]. `cap` is the KV budget in tokens.
+    Use the first k indices of every row; k in [min(min_fetch, cap), min(cap, L)]. `cap` is the
+    KV budget in tokens; k = 0 (upstream, alpha = 0: no token is above the maximum) fetches none.
     """
     b, hkv, g, length = logits.shape
     cap = max(1, min(cap, length))
     top = logits.amax(dim=-1, keepdim=True)
     total = (logits > top - alpha).sum()  # sum over rows of each row's count: one reduction
-    k = torch.div(total, b * hkv * g, rounding_mode="floor").clamp_(1, cap)
+    k = torch.div(total, b * hkv * g, rounding_mode="floor").clamp_(min(min_fetch, cap), cap)
     per_kv = logits.amax(dim=2)  # [B, Hkv, L]
     idx = per_kv.topk(cap, dim=-1).indices
     return idx, k

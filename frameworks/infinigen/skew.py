@@ -43,6 +43,7 @@ class LayerSkew:
     wq: torch.Tensor | None = None  # OPT: partial query weight [H*r, D] (times the attention scaling)
     bq: torch.Tensor | None = None  # OPT: its bias [H*r] (same)
     qproj: torch.Tensor | None = None  # RoPE: [Hkv, 2d, r] = [proj ; rotate_half-permuted proj] x logit scale
+    rot: torch.Tensor | None = None  # RoPE: the rotation A [Hkv, d, d] (OPT: folded into the weights, None)
 
 
 def capture(model, arch, layers, tokens: torch.Tensor) -> dict:
@@ -92,32 +93,55 @@ def _rotate_rows(linear, a: torch.Tensor, head_dim: int) -> None:
         linear.bias.data.copy_(torch.matmul(a.transpose(1, 2), bf).view_as(linear.bias))
 
 
+def partial(arch, i: int, cols: torch.Tensor, rot: torch.Tensor | None, energy: float = float("nan")) -> LayerSkew:
+    """Layer i's partial key projection and partial query weights for the kept columns
+    cols [Hkv, r] of its skewed space (rot: Llama's rotation A; None for OPT, skewed in place)."""
+    d = arch.head_dim
+    attn = arch.attn(i)
+    dev, dtype = attn.q_proj.weight.device, attn.q_proj.weight.dtype
+    cols = cols.to(dev)
+    gather = cols[:, None, :].expand(-1, d, -1)
+    if rot is not None:
+        proj = torch.gather(rot.to(dev), 2, gather)
+        h = d // 2  # rotate_half(q) @ P = q @ cat(P[h:], -P[:h]) (rows), given sin permuted alike
+        qproj = torch.cat((proj, proj[:, h:], -proj[:, :h]), dim=1) * arch.logit_scale(i)
+        return LayerSkew(proj.to(dtype), cols, energy, qproj=qproj.to(dtype), rot=rot.to(dev))
+    eye = torch.eye(d, device=dev).expand(arch.n_kv_heads, d, d)
+    proj = torch.gather(eye, 2, gather)
+    rows = (cols + torch.arange(arch.n_heads, device=dev)[:, None] * d).reshape(-1)
+    wq = attn.q_proj.weight.data.index_select(0, rows) * attn.scaling
+    bq = attn.q_proj.bias.data.index_select(0, rows) * attn.scaling if attn.q_proj.bias is not None else None
+    return LayerSkew(proj.to(dtype), cols, energy, wq, bq)
+
+
+def column_scores(query: torch.Tensor, n_kv: int, rot: torch.Tensor | None) -> torch.Tensor:
+    """Upstream's column rule (partial_weight_index_generation) on a prompt's queries: the summed
+    |skewed query| of each column, from the batch's FIRST sequence as upstream (its columns serve
+    the whole batch). query [B, Hq, T, d] as the attention receives it -> [Hkv, d] float32; with
+    GQA the query heads of a kv head add up (they share its partial key)."""
+    q = query[0].float()  # [Hq, T, d]
+    hq, t, d = q.shape
+    q = q.reshape(n_kv, (hq // n_kv) * t, d)
+    if rot is not None:
+        q = q @ rot.float()
+    return q.abs().sum(1)
+
+
 def build(model, arch, layers, tokens: torch.Tensor, ratio: float) -> dict[int, LayerSkew]:
-    """Skew every layer in `layers` (folding into OPT's weights) and return their partial data."""
+    """Skew every layer in `layers` (folding into OPT's weights) and return their partial data
+    for the warm-up's columns."""
     captured = capture(model, arch, layers, tokens)
     out = {}
     for i in layers:
         q, _ = captured[i]
         a, cols, energy = layer_skew(q, arch.n_kv_heads, ratio)
-        d = arch.head_dim
-        gather = cols[:, None, :].expand(-1, d, -1)
-        attn = arch.attn(i)
-        dev, dtype = attn.q_proj.weight.device, attn.q_proj.weight.dtype
         if arch.rope:
-            proj = torch.gather(a, 2, gather)
-            h = d // 2  # rotate_half(q) @ P = q @ cat(P[h:], -P[:h]) (rows), given sin permuted alike
-            qproj = torch.cat((proj, proj[:, h:], -proj[:, :h]), dim=1) * arch.logit_scale(i)
-            out[i] = LayerSkew(proj.to(dev, dtype), cols.to(dev), energy, qproj=qproj.to(dev, dtype))
+            out[i] = partial(arch, i, cols, a, energy)
         else:
-            a = a.to(dev)
-            _rotate_rows(attn.q_proj, a, d)
-            _rotate_rows(attn.k_proj, a, d)
-            eye = torch.eye(d, device=dev).expand(arch.n_kv_heads, d, d)
-            proj = torch.gather(eye, 2, gather.to(dev))
-            rows = (cols.to(dev) + torch.arange(arch.n_heads, device=dev)[:, None] * d).reshape(-1)
-            wq = attn.q_proj.weight.data.index_select(0, rows) * attn.scaling
-            bq = attn.q_proj.bias.data.index_select(0, rows) * attn.scaling if attn.q_proj.bias is not None else None
-            out[i] = LayerSkew(proj.to(dtype), cols.to(dev), energy, wq, bq)
+            a = a.to(arch.attn(i).q_proj.weight.device)
+            _rotate_rows(arch.attn(i).q_proj, a, arch.head_dim)
+            _rotate_rows(arch.attn(i).k_proj, a, arch.head_dim)
+            out[i] = partial(arch, i, cols, None, energy)
     return out
 
 
@@ -130,14 +154,16 @@ def rope_table(position_embeddings) -> torch.Tensor:
 
 
 def partial_query(arch, j: int, skew: LayerSkew, x: torch.Tensor, position_embeddings=None,
-                  table: torch.Tensor | None = None) -> torch.Tensor:
-    """Layer j's partial query from the hidden state x [B, 1, D] (another layer's input):
-    [B, Hkv, G, r], scaled so that partial_query · partial_key approximates the logit.
-    table: rope_table(position_embeddings), if already made for this step."""
+                  table: torch.Tensor | None = None, norm: int | None = None) -> torch.Tensor:
+    """Layer j's partial query from the hidden state x [B, 1, D] (layer j-1's input, before its
+    norm), normalised by layer `norm`'s input norm (upstream: j-1, the attention input of the
+    layer that speculates; default j): [B, Hkv, G, r], scaled so that partial_query · partial_key
+    approximates the logit. table: rope_table(position_embeddings), if already made for this step."""
     b = x.shape[0]
+    h = arch.normed(j if norm is None else norm, x)
     if skew.wq is not None:  # OPT: the partial projection itself
-        return F.linear(arch.normed(j, x), skew.wq, skew.bq).view(b, arch.n_kv_heads, arch.groups, -1)
+        return F.linear(h, skew.wq, skew.bq).view(b, arch.n_kv_heads, arch.groups, -1)
     if table is None:
         table = rope_table(position_embeddings)
-    q = arch.attn(j).q_proj(arch.normed(j, x)).view(b, arch.n_kv_heads, arch.groups, arch.head_dim)
+    q = arch.attn(j).q_proj(h).view(b, arch.n_kv_heads, arch.groups, arch.head_dim)
     return torch.matmul(torch.cat((q, q), dim=-1) * table, skew.qproj)

@@ -22,6 +22,7 @@ from frameworks.h2o import attention
 from frameworks.h2o.budget import Budget
 from frameworks.h2o.policy import H2OPolicy
 from frameworks.harness import workload
+from frameworks.harness.result import Unsupported
 from frameworks.harness.spec import CellSpec
 from frameworks.hf.engine import Engine
 from frameworks.hf.policy import KVPolicy
@@ -277,7 +278,7 @@ def test_budget_resolution():
 def test_unsupported_architecture_is_named():
     s = spec()
     model = models.build("tiny-gpt-oss", "random", "cpu", "float32", "eager")
-    with pytest.raises(ValueError, match="GptOssForCausalLM.*gpt_oss"):
+    with pytest.raises(Unsupported, match="GptOssForCausalLM.*gpt_oss"):
         H2OPolicy(s).prepare(model)
 
 
@@ -295,3 +296,27 @@ def test_run_engine_cell_reports_h2o_metrics():
     assert m.extra["h2o_heavy"] == 6 and m.extra["h2o_recent"] == 6
     assert m.kv_cache_bytes == 2 * 13 * 2 * 2 * 2 * 16 * 4  # batch x slots x layers x (K, V) x heads x dim x fp32
     assert len(m.timings) == 2 and m.timings[0].out_tokens == 5
+
+
+@pytest.mark.parametrize("model", [GQA, MHA])
+@pytest.mark.parametrize("cell_len,prompt_len,chunk", [
+    (32, 25, 8),  # a prompt shorter than the cell's, last chunk 1 token
+    (40, 33, 8),  # the same, a later chunk
+    (33, 33, 8),  # the cell's own length, last chunk 1 token
+    (32, 17, 4),  # shorter, several whole chunks then 1 token
+    (32, 24, 8),  # shorter, a whole number of chunks
+    (32, 26, 8),  # shorter, a 2-token last chunk
+])
+def test_chunked_prefill_equals_eager_for_every_length(model, cell_len, prompt_len, chunk):
+    """Issue #10 item 1: the prompt's last token attends to the whole prompt whatever the chunking;
+    a one-token last chunk is prefill, not the first decode step."""
+    s = spec(model, prompt_len=cell_len, gen_len=6, batch_size=3, heavy_size=4, recent_size=3)
+    prompts = workload.prompts(5, 3, prompt_len, 1000)
+    eager, e1 = run_policy(s, prompts)
+    chunked, e2 = run_policy(CellSpec.from_dict({**s.to_dict(), "prefill": "chunked", "chunk_size": chunk}), prompts)
+    torch.testing.assert_close(torch.stack(e2.step_logits), torch.stack(e1.step_logits), rtol=1e-5, atol=1e-6)
+    assert torch.equal(e1.last_tokens, e2.last_tokens)
+    for a, b in zip(eager.cache.layers, chunked.cache.layers):
+        assert torch.equal(a.kept_positions(), b.kept_positions())
+    ref, ref_logits = reference_generate(model, prompts, s.gen_len, 4, 3)
+    torch.testing.assert_close(torch.stack(e2.step_logits), torch.stack(ref_logits), rtol=1e-5, atol=1e-6)

@@ -111,7 +111,7 @@ def _capture_decode_step(model, policy, eng, j):
     h = layer.register_forward_pre_hook(pre, with_kwargs=True)
     caches = []
     orig = policy.new_cache
-    policy.new_cache = lambda *a: caches.append(orig(*a)) or caches[-1]
+    policy.new_cache = lambda *a, **k: caches.append(orig(*a, **k)) or caches[-1]
     try:
         eng.generate(_prompts(model), 2)
     finally:
@@ -195,8 +195,9 @@ def test_small_budget_fetches_at_most_the_budget():
 
 
 # -- selection --------------------------------------------------------------------------
-def _naive_select(logits, alpha, cap):
-    """Written independently of select.select: loops, python sorting."""
+def _naive_select(logits, alpha, cap, min_fetch=0):
+    """Written independently of select.select: loops, python sorting. Upstream's count: the
+    floored mean over rows (0 when alpha = 0), here raised to min_fetch."""
     b, hkv, g, length = logits.shape
     counts = []
     for bi in range(b):
@@ -205,7 +206,7 @@ def _naive_select(logits, alpha, cap):
                 row = logits[bi, h, gi].tolist()
                 m = max(row)
                 counts.append(sum(1 for v in row if v > m - alpha))
-    k = min(max(sum(counts) // len(counts), 1), min(cap, length))
+    k = min(max(sum(counts) // len(counts), min_fetch), min(cap, length))
     chosen = {}
     for bi in range(b):
         for h in range(hkv):
@@ -215,12 +216,14 @@ def _naive_select(logits, alpha, cap):
     return k, chosen
 
 
-@pytest.mark.parametrize("alpha,cap", [(0.5, 100), (2.0, 5), (4.0, 30), (math.inf, 100), (math.inf, 7)])
-def test_selection_matches_naive_reference(alpha, cap):
+@pytest.mark.parametrize("alpha,cap,min_fetch", [(0.5, 100, 0), (2.0, 5, 0), (4.0, 30, 0), (math.inf, 100, 0),
+                                                 (math.inf, 7, 0), (0.0, 30, 0), (0.0, 30, 1)])
+def test_selection_matches_naive_reference(alpha, cap, min_fetch):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 2, 4, 50, generator=g) * 2
-    idx, k = select.select(logits, alpha, cap)
-    k_ref, chosen = _naive_select(logits, alpha, cap)
+    idx, k = select.select(logits, alpha, cap, min_fetch)
+    k_ref, chosen = _naive_select(logits, alpha, cap, min_fetch)
+    assert k_ref == (min_fetch if alpha == 0 else k_ref)  # alpha 0: no token is above the maximum
     assert int(k) == k_ref
     for (bi, h), want in chosen.items():
         assert set(idx[bi, h, : int(k)].tolist()) == want
@@ -251,7 +254,7 @@ def test_engine_selection_and_fetched_rows(name, policy_cls, monkeypatch):
         with_kwargs=True)
     caches = []
     orig = policy.new_cache
-    policy.new_cache = lambda *a: caches.append(orig(*a)) or caches[-1]
+    policy.new_cache = lambda *a, **k: caches.append(orig(*a, **k)) or caches[-1]
     eng.generate(_prompts(model), 2)
     h.remove()
     cache = caches[-1]
@@ -263,7 +266,8 @@ def test_engine_selection_and_fetched_rows(name, policy_cls, monkeypatch):
     x, pe = inputs[-1]
     attn = arch.attn(j)
     with torch.inference_mode():
-        q = attn.q_proj(arch.norm(j)(x)).view(b, 1, arch.n_heads, arch.head_dim).transpose(1, 2)
+        # upstream: layer j-1's own normalised input; the columns picked from this prompt
+        q = attn.q_proj(arch.norm(j - 1)(x)).view(b, 1, arch.n_heads, arch.head_dim).transpose(1, 2)
         if arch.rope:
             cos, sin = pe
             half = arch.head_dim // 2
@@ -272,7 +276,7 @@ def test_engine_selection_and_fetched_rows(name, policy_cls, monkeypatch):
         else:
             q = q * attn.scaling
         keys_post = cache.store.prefix(j, length)[..., 0, :]  # [L, B, Hkv, d]
-        proj = policy.skews[j].proj
+        proj = cache.parts[j].proj
         logits = torch.zeros(b, arch.n_kv_heads, arch.groups, length)
         for bi in range(b):
             for hq in range(arch.n_heads):
@@ -471,3 +475,182 @@ def test_adapter_runs_a_cell_with_metrics():
     assert m.extra["attn_implementation"] == "infinigen_eager"
     assert m.extra["fetched_tokens_per_seq_layer_speculated"] <= 5
     assert m.kv_cache_bytes > 0 and m.extra["host_kv_bytes"] > 0
+
+
+# -- prefill is prefill whatever the chunking (issue #10 items 2, 3) ------------------------
+@pytest.mark.parametrize("name", [LLAMA, OPT])
+@pytest.mark.parametrize("prompt_len,chunk", [(33, 8), (25, 8), (17, 4), (32, 8)])
+def test_chunked_prefill_equals_eager_and_counts_only_decode_steps(name, prompt_len, chunk):
+    """A one-token last chunk (33 = 4 x 8 + 1) attends to the whole prompt, as in eager prefill,
+    not to the budget-selected tokens; decode_steps counts the decode forwards only."""
+    gen, b = 5, 3
+    got = {}
+    for prefill in ("eager", "chunked"):
+        s = CellSpec(experiment="unit", framework="infinigen", model=name, device="cpu", dtype="float32",
+                     prefill=prefill, chunk_size=chunk, kv_budget=0.2, batch_size=b, prompt_len=32, gen_len=gen)
+        eng, policy, model = _engine(s, InfiniGenPolicy)
+        eng.generate(_prompts(model, b=b, n=prompt_len), gen)
+        got[prefill] = torch.stack(eng.step_logits), eng.last_tokens, policy.metrics()["decode_steps"]
+    (e_logits, e_tokens, e_steps), (c_logits, c_tokens, c_steps) = got["eager"], got["chunked"]
+    assert (c_logits - e_logits).abs().max() < ATOL
+    assert torch.equal(c_tokens, e_tokens)
+    assert e_steps == c_steps == gen - 1
+
+
+def test_warmup_is_not_counted_in_the_metrics():
+    from frameworks.infinigen import adapter
+
+    spec = CellSpec(experiment="unit", framework="infinigen", model=LLAMA, device="cpu", dtype="float32",
+                    batch_size=2, prompt_len=16, gen_len=4, kv_budget=0.5, prefill="eager", warmup=1, repetitions=2)
+    m = adapter.run(spec)
+    assert m.extra["decode_steps"] == 2 * (4 - 1)  # 2 repetitions of 3 decode steps; the warm-up's 3 not counted
+
+
+# -- upstream's behaviour, on models whose norm weights are not all 1 (issue #10 item 4) -------
+def _engine_uneven_norms(spec, seed=0):
+    """As _engine, with every norm weight (and OPT's norm bias) drawn away from 1 / 0 before the
+    policy is prepared: with norm weights all 1 layer i's and layer i+1's norms coincide and
+    the speculation-input difference is invisible."""
+    policy = InfiniGenPolicy(spec)
+    model = models.build(spec.model, "random", "cpu", "float32", policy.attn_implementation(spec.prefill), 0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.copy_(0.3 + 1.4 * torch.rand(p.shape, generator=g))
+            elif "norm" in n and n.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    policy.prepare(model)
+    eng = Engine(model, policy, "cpu", spec.prefill, spec.chunk_size)
+    eng.collect_logits = True
+    return eng, policy, model
+
+
+def _uspec(name, prefill="eager", **policy):
+    return CellSpec(experiment="unit", framework="infinigen", model=name, device="cpu", dtype="float32",
+                    prefill=prefill, chunk_size=16, kv_budget=0.5, policy=policy, batch_size=2, prompt_len=40,
+                    gen_len=3)
+
+
+def _record_partial_queries(monkeypatch):
+    seen = []
+    orig = skew.partial_query
+
+    def wrapped(arch, j, sk, x, pe=None, table=None, norm=None):
+        out = orig(arch, j, sk, x, pe, table, norm)
+        seen.append((j, x, pe, sk, out))
+        return out
+
+    monkeypatch.setattr(skew, "partial_query", wrapped)
+    return seen
+
+
+@pytest.mark.parametrize("name", [LLAMA, OPT])
+@pytest.mark.parametrize("option,norm_of", [("own_norm", lambda j: j - 1), ("next_norm", lambda j: j)])
+def test_speculation_input_is_the_speculating_layers_normalised_input(name, option, norm_of, monkeypatch):
+    """Upstream (own_norm): layer j's partial query is made from layer j-1's normalised attention
+    input, i.e. layer j-1's norm; next_norm: layer j's norm on the same un-normalised input."""
+    eng, policy, model = _engine_uneven_norms(_uspec(name, speculation_input=option))
+    arch = policy.arch
+    seen = _record_partial_queries(monkeypatch)
+    eng.generate(_prompts(model, n=40), 3)
+    assert seen
+    other = {"own_norm": lambda j: j, "next_norm": lambda j: j - 1}[option]
+    for j, x, pe, sk, got in seen:
+        def reference(norm_layer):
+            attn = arch.attn(j)
+            b = x.shape[0]
+            q = attn.q_proj(arch.norm(norm_layer)(x)).view(b, 1, arch.n_heads, arch.head_dim).transpose(1, 2)
+            if arch.rope:
+                cos, sin = pe
+                half = arch.head_dim // 2
+                q = q * cos[:, None] + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin[:, None]
+            else:
+                q = q * attn.scaling
+            q = q.view(b, arch.n_kv_heads, arch.groups, arch.head_dim)
+            return torch.einsum("bhgd,hdr->bhgr", q, sk.proj) * arch.logit_scale(j)
+
+        with torch.inference_mode():
+            want, wrong = reference(norm_of(j)), reference(other(j))
+        scale = want.abs().max()
+        assert (got - want).abs().max() / scale < 1e-4
+        assert (got - wrong).abs().max() / scale > 1e-2  # the two inputs really differ here
+
+
+@pytest.mark.parametrize("name", [LLAMA, OPT])
+def test_partial_columns_are_picked_from_each_prompt_at_prefill(name):
+    """Upstream (partial_weight_index_generation): per head, the columns of largest summed
+    |skewed query| over the prompt of the batch's first sequence; the partial keys use them.
+    partial_columns=warmup keeps the warm-up's columns."""
+    eng, policy, model = _engine_uneven_norms(_uspec(name))
+    arch, j = policy.arch, 1
+    sk = policy.skews[j]
+    r = sk.cols.shape[-1]
+    chosen = []
+    for seed in (1, 2):
+        sink = arch.attn(j)._infinigen_capture = []
+        caches = []
+        orig = policy.new_cache
+        policy.new_cache = lambda *a, **k: caches.append(orig(*a, **k)) or caches[-1]
+        try:
+            eng.generate(_prompts(model, n=40, seed=seed), 2)
+        finally:
+            policy.new_cache = orig
+            del arch.attn(j)._infinigen_capture
+        q = sink[0][0]  # the prefill forward's queries [B, Hq, 40, d], as the attention got them
+        assert q.shape[2] == 40
+        cache = caches[-1]
+        want = []
+        for h in range(arch.n_kv_heads):
+            qh = q[0, h * arch.groups:(h + 1) * arch.groups].reshape(-1, arch.head_dim).float()
+            if sk.rot is not None:
+                qh = qh @ sk.rot[h]
+            want.append(sorted(qh.abs().sum(0).topk(r).indices.tolist()))
+        assert cache.parts[j].cols.tolist() == want
+        keys = cache.store.prefix(j, 40)[..., 0, :].permute(1, 2, 0, 3)  # [B, Hkv, L, d]
+        assert torch.allclose(cache.partial_k[j][:, :, :40], keys @ cache.parts[j].proj, atol=1e-5)
+        chosen.append(want)
+    assert chosen[0] != chosen[1]  # each prompt its own columns
+    eng2, policy2, model2 = _engine_uneven_norms(_uspec(name, partial_columns="warmup"))
+    caches = []
+    orig = policy2.new_cache
+    policy2.new_cache = lambda *a, **k: caches.append(orig(*a, **k)) or caches[-1]
+    eng2.generate(_prompts(model2, n=40, seed=1), 2)
+    assert torch.equal(caches[-1].parts[j].cols, policy2.skews[j].cols)
+
+
+@pytest.mark.parametrize("name", [LLAMA, OPT])
+def test_prompt_columns_do_not_depend_on_the_chunking(name):
+    got = {}
+    for prefill in ("eager", "chunked"):
+        eng, policy, model = _engine_uneven_norms(_uspec(name, prefill=prefill))
+        eng.generate(_prompts(model, n=40, seed=4), 4)
+        got[prefill] = torch.stack(eng.step_logits)
+    assert (got["eager"] - got["chunked"]).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("name", [LLAMA, OPT])
+def test_alpha_zero_fetches_nothing_beyond_the_full_layers(name):
+    """Upstream: int(mean count) with no token above max - 0 is 0 tokens; min_fetch=1 keeps one."""
+    for min_fetch, per_layer in ((0, 0), (1, 1)):
+        eng, policy, model = _engine_uneven_norms(_uspec(name, alpha=0.0, min_fetch=min_fetch))
+        eng.generate(_prompts(model, n=40), 4)
+        m = policy.metrics()
+        assert m["speculated_layers"] >= 1 and m["decode_steps"] == 3
+        assert m["fetched_tokens_per_seq_layer_speculated"] == per_layer
+        assert m["fetched_tokens_per_step_speculated"] == per_layer * 2 * m["speculated_layers"]
+        assert torch.isfinite(torch.stack(eng.step_logits)).all()  # nothing but the new token attended
+
+
+def test_budget_is_a_fixed_cap_from_the_whole_sequence_by_default():
+    """kv_budget x (prompt_len + gen_len) tokens for the whole cell, as upstream's max_num_kv;
+    budget_rule=current: kv_budget x the current length; max_num_kv overrides both."""
+    fixed = InfiniGenPolicy(_uspec(LLAMA))  # kv_budget 0.5, 40 + 3 tokens
+    assert [fixed.cap(n) for n in (10, 40, 41, 42)] == [10, 21, 21, 21]
+    current = InfiniGenPolicy(_uspec(LLAMA, budget_rule="current"))
+    assert [current.cap(n) for n in (10, 40, 41, 42)] == [5, 20, 20, 21]
+    assert InfiniGenPolicy(_uspec(LLAMA, max_num_kv=7)).cap(40) == 7
+    for rule, want in (("fixed", 21), ("current", (20 + 20 + 21) / 3)):  # decode steps see 40, 41, 42 tokens
+        eng, policy, model = _engine_uneven_norms(_uspec(LLAMA, alpha=math.inf, budget_rule=rule))
+        eng.generate(_prompts(model, n=40), 4)
+        assert policy.metrics()["fetched_tokens_per_seq_layer_speculated"] == pytest.approx(want)

@@ -15,8 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ENGINE_IMAGES = ("hf", "h2o", "infinigen")  # FROM the shared engine stage
-IMAGES = ("engine", *ENGINE_IMAGES, "vllm")
+from frameworks import registry
+
+ENGINE_IMAGES = tuple(n for n, f in registry.FRAMEWORKS.items() if f.on_engine)  # FROM the shared engine stage
+IMAGES = ("engine", *registry.FRAMEWORKS)  # one image per framework (image_of), the engine only a base
 ENGINE_CODE = ("frameworks/__init__.py", "frameworks/registry.py", "frameworks/harness", "frameworks/models",
                "frameworks/hf")
 COPIES = {

@@ -31,7 +31,9 @@ from pathlib import Path
 from frameworks.harness.run_cell import kill_group
 from workflow.lib import gpus as gpulib
 
-RUNNERS = ("local", "docker", "apptainer")
+# runner -> the image file a cell depends on (results/images/<framework>.<ext>; local: none)
+IMAGE_EXT = {"local": None, "docker": "iid", "apptainer": "sif"}
+RUNNERS = tuple(IMAGE_EXT)
 SECRETS = ("HF_TOKEN",)  # passed by name only, never by value on a command line
 CELL_MODULE = ("-m", "frameworks.harness.run_cell")
 WORKDIR = "/work"  # the images' WORKDIR; results/ is mounted at /work/results
@@ -65,9 +67,9 @@ def read_image_id(path: str) -> str:
 
 def git_env() -> dict[str, str]:
     """The host's git view for provenance (the image has no .git)."""
-    from frameworks.harness.provenance import _git
+    from frameworks.harness.provenance import git_state
 
-    g = _git()
+    g = git_state()
     return {"KVSTUDY_GIT_COMMIT": g["commit"] or "", "KVSTUDY_GIT_DIRTY": "1" if g["dirty"] else "0"}
 
 

@@ -10,9 +10,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-# the same colour for a framework in every figure
+from frameworks import registry  # noqa: E402
+
+# the same colour for a framework in every figure (tests/unit/test_one_list.py: one per framework)
 COLORS = {"vllm": "#1f77b4", "hf": "#7f7f7f", "h2o": "#d62728", "infinigen": "#2ca02c"}
-LABELS = {"vllm": "vLLM", "hf": "HF full cache", "h2o": "H2O", "infinigen": "InfiniGen"}
+LABELS = {n: f.label for n, f in registry.FRAMEWORKS.items()}
 LINESTYLES = {"eager": ":", "sdpa": "-", "flash": "-", "chunked": "--"}
 MARKERS = {"eager": "s", "sdpa": "o", "flash": "o", "chunked": "^"}
 FAILED = {"oom": "OOM", "timeout": "timeout", "unsupported": "unsupported"}

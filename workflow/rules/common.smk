@@ -20,7 +20,7 @@ from snakemake.exceptions import WorkflowError
 
 from frameworks import models
 from frameworks.harness.spec import CellSpec
-from workflow.lib import celltable, images, preflight
+from workflow.lib import celltable, images, launch, preflight
 
 try:
     PRESET = celltable.load_preset(config.get("preset", ""))
@@ -132,7 +132,7 @@ def get_trainer_eval_lengths(wildcards) -> str:
 
 def get_cell_image(wildcards) -> list[str]:
     # every cell depends on its framework's image (docker: its id; apptainer: the .sif)
-    ext = {"local": None, "docker": "iid", "apptainer": "sif"}[RUNNER]
+    ext = launch.IMAGE_EXT[RUNNER]
     return (
         [f"results/images/{images.image_of(wildcards.framework)}.{ext}"] if ext else []
     )

@@ -14,7 +14,10 @@ fig, axes = P.plt.subplots(1, 3, figsize=(12.6, 3.0))
 for ax, (metric, label) in zip(axes, panels):
     P.lines(ax, df, "kv_budget", metric, by=("framework", "model"))
     ax.set_xlim(1.05, 0.0)  # budget shrinks to the right
-    ax.set_xlabel("KV budget (fraction of the sequence)")
+    ax.set_xlabel("KV budget")
     ax.set_ylabel(label)
     P.finish(ax)
+# one axis, two meanings (frameworks/harness/spec.py): said under the panels
+fig.supxlabel("KV budget: H2O, fraction of the prompt kept on the GPU; InfiniGen, fraction of the sequence "
+              "(prompt + output) fetched from CPU memory per step", fontsize=8)
 P.save(fig, snakemake.output)  # noqa: F821
