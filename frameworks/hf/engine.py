@@ -90,7 +90,7 @@ class Engine:
         feed = torch.as_tensor(feed_ids, device=self.device)
         b, length = ctx.shape
         n = feed.shape[1]
-        cache = self.policy.new_cache(self.model, b, length + n + gen_len)
+        cache = self.policy.new_cache(self.model, b, length + n + gen_len, length)
         out_logits = []
         gen = torch.empty((b, gen_len), dtype=torch.long, device=self.device)
         with self._attention_ctx():
