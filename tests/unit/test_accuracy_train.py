@@ -37,7 +37,7 @@ def test_eval_trials_are_not_training_batches():
 
 def test_vocab_too_small_is_a_clear_error():
     with pytest.raises(ValueError, match="too small"):
-        _ = facts.Vocab(100).n_keys
+        _ = facts.Vocab(60).n_keys
 
 
 def test_trainer_is_deterministic(tmp_path):
