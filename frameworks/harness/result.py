@@ -32,6 +32,7 @@ class Measurement:
     memory: dict
     kv_cache_bytes: int | None = None
     extra: dict = field(default_factory=dict)
+    accuracy: dict | None = None  # accuracy cells (no timed requests: their summary is null)
 
 
 @cache
@@ -41,11 +42,12 @@ def schema() -> dict:
 
 def build(spec: dict, cell_id: str, status: str, message: str, provenance: dict, started_at: str, ended_at: str,
           measurement: Measurement | None = None) -> dict:
-    samples, summary, extra = [], None, {}
+    samples, summary, extra, accuracy = [], None, {}, None
     if measurement is not None:
         samples = [request_sample(t) for t in measurement.timings]
-        summary = summarize(samples, measurement.rep_durations_s, measurement.memory, measurement.kv_cache_bytes)
-        extra = measurement.extra
+        if samples:
+            summary = summarize(samples, measurement.rep_durations_s, measurement.memory, measurement.kv_cache_bytes)
+        extra, accuracy = measurement.extra, measurement.accuracy
     result = {
         "schema_version": 1,
         "cell_id": cell_id,
@@ -55,7 +57,7 @@ def build(spec: dict, cell_id: str, status: str, message: str, provenance: dict,
         "samples": samples,
         "summary": summary,
         "extra": extra,
-        "accuracy": None,
+        "accuracy": accuracy,
         "provenance": provenance,
         "started_at": started_at,
         "ended_at": ended_at,
@@ -72,8 +74,8 @@ def validate(result: dict, where: str = "result") -> None:
     except jsonschema.ValidationError as e:
         path = "/".join(str(p) for p in e.absolute_path) or "(top)"
         raise ResultError(f"{where}: invalid at {path}: {e.message}") from None
-    if result["status"] == "ok" and result["summary"] is None:
-        raise ResultError(f"{where}: status ok needs a summary")
+    if result["status"] == "ok" and result["summary"] is None and result["accuracy"] is None:
+        raise ResultError(f"{where}: status ok needs a summary (or, for an accuracy cell, an accuracy block)")
 
 
 def write_atomic(path: str | Path, result: dict) -> None:

@@ -11,6 +11,9 @@ from frameworks import registry
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+OPTIONAL = ("task", "num_examples")
+ACCURACY_EXPERIMENTS = ("accuracy", "fact_retention")
+RETENTION_TASKS = ("facts-tokens", "facts-chat")
 
 
 class SpecError(ValueError):
@@ -52,6 +55,11 @@ class CellSpec:
     # out-of-memory boundaries of the paper's smaller one (frameworks/harness/memory.py)
     gpu_memory_gb: float | None = None
 
+    # accuracy cells (frameworks/accuracy): the task (an lm-eval task name, kvstudy_recall,
+    # facts-tokens, facts-chat) and how many documents / trials (None: all of the task)
+    task: str | None = None
+    num_examples: int | None = None
+
     def __post_init__(self):
         if self.decode is None:  # resolved here, so a spec's dict and JSON always name the mode
             fw = registry.FRAMEWORKS.get(self.framework)
@@ -76,6 +84,9 @@ class CellSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        for k in OPTIONAL:  # absent when unset: the other cells' specs (and so their jobs) do not change
+            if d[k] is None:
+                del d[k]
         if d["request_rate"] is not None and math.isinf(d["request_rate"]):
             d["request_rate"] = "inf"
         if d["gpu_memory_gb"] is None:  # uncapped: the spec (and so the cell's params) as before caps existed
@@ -112,6 +123,8 @@ class CellSpec:
             if self.burstiness != 1.0:
                 parts.append(f"burst{_fmt(self.burstiness)}")
         parts += [f"{k}{_fmt(v)}" for k, v in sorted(self.policy.items())]
+        if self.task is not None:
+            parts.append(f"task-{self.task}" + (f"-n{self.num_examples}" if self.num_examples else ""))
         if self.seed:
             parts.append(f"seed{self.seed}")
         return "_".join(parts)
@@ -167,6 +180,17 @@ class CellSpec:
             need(self.burstiness > 0, f"burstiness must be > 0, got {self.burstiness!r}")
         else:
             need(self.num_requests in (None, self.batch_size), "num_requests applies to request-rate cells only")
+        if self.experiment in ACCURACY_EXPERIMENTS:
+            need(isinstance(self.task, str) and bool(self.task), f"experiment {self.experiment} needs a task")
+            if self.experiment == "fact_retention":
+                need(self.task in RETENTION_TASKS, f"fact_retention task must be one of {RETENTION_TASKS}, got {self.task!r}")
+        else:
+            need(self.task is None and self.num_examples is None,
+                 f"task and num_examples apply to the experiments {ACCURACY_EXPERIMENTS} only")
+        need(self.num_examples is None or (isinstance(self.num_examples, int) and self.num_examples >= 1),
+             f"num_examples must be an integer >= 1, got {self.num_examples!r}")
+        need(self.task is None or (isinstance(self.task, str) and all(ch.isalnum() or ch in "_-." for ch in self.task)),
+             f"task must be a name of letters, digits, '_', '-', '.', got {self.task!r}")
         if max_context is not None:
             # the last generated token is never fed back, so it needs no position
             need(

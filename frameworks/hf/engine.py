@@ -38,6 +38,7 @@ class Engine:
         self._steps: dict[int, tuple] = {}  # id(cache) -> (cache, DecodeStep), the current cache only
         self._pool = None  # the CUDA graph memory pool of the current captured step
         self._graph_stats = {"graphs": 0, "capture_s": 0.0}
+        self.calls: list[tuple[int, int, int]] = []  # teacher_forced: (batch, tokens, KV bytes on the device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -150,3 +151,33 @@ class Engine:
             return {}
         return {"decode_capture": self.capture if self.device.type == "cuda" else "none (no CUDA: static step run eagerly)",
                 "decode_graphs": self._graph_stats["graphs"], "decode_capture_s": self._graph_stats["capture_s"]}
+    # -- accuracy hook (frameworks/accuracy): score tokens after the policy compressed the context --
+    @torch.inference_mode()
+    def teacher_forced(self, context_ids, feed_ids, gen_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill `context_ids` [b, L] (the policy evicts / offloads as in a real run), then feed
+        `feed_ids` [b, n] one token per step through the decode path, then generate `gen_len`
+        tokens greedily. Returns (logits [b, n, vocab] float32 on the CPU, where logits[:, i] is the
+        prediction of feed_ids[:, i] — i = 0 from the prefill, the rest from decode steps — and the
+        generated tokens [b, gen_len]). The last fed token is forwarded only when gen_len > 0.
+        """
+        ctx = torch.as_tensor(context_ids, device=self.device)
+        feed = torch.as_tensor(feed_ids, device=self.device)
+        b, length = ctx.shape
+        n = feed.shape[1]
+        cache = self.policy.new_cache(self.model, b, length + n + gen_len, length)
+        out_logits = []
+        gen = torch.empty((b, gen_len), dtype=torch.long, device=self.device)
+        with self._attention_ctx():
+            logits = self._prefill(ctx, cache)
+            for i in range(n):
+                out_logits.append(logits.float().cpu())
+                if i < n - 1 or gen_len:
+                    logits = self._forward(feed[:, i:i + 1], length + i, cache)
+            for step in range(gen_len):
+                if step:
+                    logits = self._forward(gen[:, step - 1:step], length + n + step - 1, cache)
+                gen[:, step] = logits.argmax(-1)
+        kv = self.policy.kv_bytes(cache)
+        self.kv_bytes_peak = max(self.kv_bytes_peak, kv)
+        self.calls.append((b, length + n + gen_len - 1, kv))
+        return torch.stack(out_logits, 1) if out_logits else torch.empty(b, 0, 0), gen.cpu()

@@ -11,6 +11,10 @@ from frameworks.harness.result import Measurement
 
 
 def run_engine_cell(spec, policy_cls) -> Measurement:
+    if spec.task is not None:  # accuracy and fact-retention cells
+        from frameworks.accuracy.cell import run_accuracy_cell
+
+        return run_accuracy_cell(spec, policy_cls)
     import torch
 
     from frameworks.hf.engine import Engine

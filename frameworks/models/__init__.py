@@ -66,10 +66,14 @@ def build(name: str, weights: str, device: str, dtype: str, attn_implementation:
 
     torch_dtype = getattr(torch, dtype)
     if weights != "random":
+        import importlib.util
+
+        # device_map loads straight onto the device but needs accelerate; without it, load and move
+        placement = {"device_map": device} if importlib.util.find_spec("accelerate") else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            weights, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device
+            weights, dtype=torch_dtype, attn_implementation=attn_implementation, **placement
         )
-        return model.eval()
+        return model.to(device).eval()
     cfg_dict = config_dict(name)
     cfg_dict.pop("quantization_config", None)  # random weights are never quantized
     config = transformers.AutoConfig.for_model(**cfg_dict)

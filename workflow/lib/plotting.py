@@ -74,6 +74,13 @@ def mark_failed(ax, df: pd.DataFrame, x: str) -> None:
     ax.set_ylim(top=top)
 
 
+def chance(ax, df: pd.DataFrame) -> None:
+    """The accuracy of a random guess (the table's `chance`), as a dashed grey line."""
+    levels = df["chance"].dropna().unique() if "chance" in df else []
+    for level in levels:
+        ax.axhline(level, color="#999999", linestyle="--", linewidth=0.8, label=f"chance ({level:.2g})")
+
+
 def by_model(df: pd.DataFrame, ncols_max: int = 3, height: float = 3.0):
     """One panel per model (most figures have a single model)."""
     model_names = list(dict.fromkeys(df["model"]))

@@ -13,6 +13,9 @@ SPEC_COLUMNS = ("experiment", "framework", "model", "batch_size", "prompt_len", 
 # KV-policy measurements (frameworks' `extra`; empty where a framework has none): InfiniGen's traffic
 EXTRA_METRICS = ("fetched_tokens_per_step", "fetched_tokens_per_seq_layer_speculated", "fetched_bytes_per_step",
                  "selected_bytes_per_step", "h2d_bandwidth_gbps", "gather_ms_per_step", "host_kv_bytes")
+# accuracy cells (the `accuracy` block): report (#14) writes claims C6/C7 over these columns
+ACCURACY_COLUMNS = ("task", "metric", "value", "stderr", "n", "chance", "context_len", "kv_kept_fraction",
+                    "kv_fetched_fraction")
 SCALAR_METRICS = ("output_tok_s", "output_tok_s_std", "total_tok_s", "request_s", "duration_s", "kv_cache_bytes",
                   "peak_gpu_mem_gb", "peak_device_mem_gb", "peak_rss_gb", "output_tok_s_per_gb", "per_gb_basis")
 
@@ -30,6 +33,10 @@ def row(path: str) -> dict:
     out.update({k: summary.get(k) for k in SCALAR_METRICS})
     extra = res.get("extra") or {}
     out.update({k: extra.get(k) for k in EXTRA_METRICS})
+    if res["spec"].get("task") is not None:  # accuracy cells only: the other tables keep their columns
+        acc = res.get("accuracy") or {}
+        out.update({"weights": spec.get("weights"), "num_examples": spec.get("num_examples")})
+        out.update({k: (acc.get(k) if k != "task" else acc.get(k, spec.get("task"))) for k in ACCURACY_COLUMNS})
     out.update({"gpu_name": prov.get("gpu_name"), "gpu_total_mem_gb": prov.get("gpu_total_mem_gb"),
                 "git_commit": (prov.get("git") or {}).get("commit"),
                 "image_id": prov.get("image_id"), "path": path})

@@ -3,6 +3,7 @@ rule run_cell:
     input:
         code=get_framework_code,
         image=get_cell_image,
+        weights=get_cell_weights,
     output:
         result="results/cells/{experiment}/{framework}/{model}/{cell}.json",
     log:

@@ -20,6 +20,7 @@ shell.prefix(
 
 from snakemake.exceptions import WorkflowError
 
+from frameworks import models
 from frameworks.harness.spec import CellSpec
 from workflow.lib import celltable, images, launch, preflight
 
@@ -46,7 +47,13 @@ FIGURES = {
     "latency_vs_rate": "request_rate",
     "metrics_vs_kv_budget": "kv_budget",
     "metrics_vs_alpha": "alpha",
+    "accuracy_vs_kv_budget": "accuracy",
+    "fact_retention_vs_context": "fact_retention",
 }
+
+# models the pipeline trains (frameworks/accuracy/train.py; rule train_model)
+TRAINED_MODELS = [m for m in models.names() if "train" in models.entry(m)]
+TRAINED_PREFIX = "results/models/"
 
 
 wildcard_constraints:
@@ -108,6 +115,47 @@ def get_framework_code(wildcards) -> list[str]:
     image = images.image_of(wildcards.framework)
     base = images.code_files("engine") if image in images.ENGINE_IMAGES else []
     return sorted({*base, *images.code_files(image)})
+
+
+def get_cell_weights(wildcards) -> list[str]:
+    # a cell on a model trained here depends on its checkpoint (rule train_model)
+    weights = get_cell(wildcards).weights.rstrip("/")
+    if not weights.startswith(TRAINED_PREFIX):
+        return []
+    name = weights.removeprefix(TRAINED_PREFIX)
+    if name not in TRAINED_MODELS:
+        raise WorkflowError(
+            f"kvstudy: weights {weights!r}: no model {name!r} with `train:` settings in "
+            f"frameworks/models/registry.yaml (trained models: {', '.join(TRAINED_MODELS)})"
+        )
+    return [f"{weights}/model.safetensors"]
+
+
+def get_trainer_code(wildcards) -> list[str]:
+    # the checkpoint depends on the trainer, the corpus and the registry (its config and settings)
+    return sorted(
+        str(p.relative_to(REPO))
+        for p in Path(REPO, "frameworks").glob("accuracy/*.py")
+        if p.name in ("train.py", "facts.py", "tokenizer.py")
+    ) + ["frameworks/models/registry.yaml", "frameworks/models/__init__.py"]
+
+
+def get_trainer_gpus(wildcards) -> int:
+    # the registry's `train.device`: the GPU model trains on a GPU of its own, the CPU one on none
+    return 1 if models.entry(wildcards.trained)["train"].get("device") == "cuda" else 0
+
+
+def get_trainer_eval_lengths(wildcards) -> str:
+    # the full-cache recall in the training log, at the context lengths the preset evaluates
+    lengths = sorted(
+        {
+            c.prompt_len
+            for c in CELLS.values()
+            if c.task == "facts-tokens"
+            and c.weights.rstrip("/") == TRAINED_PREFIX + wildcards.trained
+        }
+    )
+    return ",".join(map(str, lengths))
 
 
 def get_cell_image(wildcards) -> list[str]:
