@@ -12,6 +12,7 @@ rule run_cell:
     threads: get_cell_threads
     resources:
         gpu=get_cell_gpus,
+        cpu_exclusive=get_cell_cpu_exclusive,  # timed CPU cells one at a time (profile: cpu_exclusive=1)
     params:
         spec=get_cell_spec,
         launch=get_launch_options,

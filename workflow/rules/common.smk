@@ -75,6 +75,11 @@ def get_cell_gpus(wildcards) -> int:
     return 1 if PRESET["device"] == "cuda" else 0
 
 
+def get_cell_cpu_exclusive(wildcards) -> int:
+    # a CPU cell times the cores it runs on: two at once would time each other
+    return 1 if PRESET["device"] == "cpu" else 0
+
+
 def get_framework_code(wildcards) -> list[str]:
     # a cell depends on the code that runs it: what its framework's image copies (images.COPIES)
     image = images.image_of(wildcards.framework)
