@@ -29,6 +29,16 @@ def row(path: str) -> dict:
     out.update({k: summary.get(k) for k in SCALAR_METRICS})
     extra = res.get("extra") or {}
     out.update({k: extra.get(k) for k in EXTRA_METRICS})
-    out.update({"gpu_name": prov.get("gpu_name"), "git_commit": (prov.get("git") or {}).get("commit"),
+    out.update({"gpu_name": prov.get("gpu_name"), "host": prov.get("host"), "git_commit": (prov.get("git") or {}).get("commit"),
                 "image_id": prov.get("image_id"), "path": path})
     return out
+
+
+def frame(rows: list[dict]):
+    """Rows -> one table with the same column order in every experiment: the fixed columns of row(),
+    then the policy keys the cells have (policy.<key>, sorted), so tables line up side by side."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    policy = sorted(c for c in df.columns if c.startswith("policy."))
+    return df[[c for c in df.columns if c not in policy] + policy]
