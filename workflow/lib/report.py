@@ -57,7 +57,8 @@ def setup(cells: pd.DataFrame, provenance: list[dict], preset: str, report_commi
     status = cells["status"].value_counts().to_dict() if not cells.empty else {}
     rows = [("preset", preset), ("cells", f"{len(cells)}: " + ", ".join(f"{k} {v}" for k, v in sorted(status.items()))),
             ("device", ", ".join(sorted(cells["device"].dropna().unique())) if not cells.empty else ""),
-            ("GPU", values(lambda p: p.get("gpu_name")) + " (driver " + values(lambda p: p.get("driver")) + ")"),
+            ("GPU", values(lambda p: p.get("gpu_name")) + (f" (driver {values(lambda p: p.get('driver'))})"
+                                                             if any(p.get("driver") for p in provenance) else "")),
             ("host", values(lambda p: p.get("host")) + "; " + values(lambda p: p.get("platform"))),
             ("runner images", values(lambda p: p.get("image_id"))),
             ("git commit of the cells", values(lambda p: (p.get("git") or {}).get("commit"))

@@ -158,7 +158,9 @@ def get_caption(figure: str) -> str:
     # one caption per figure for the HTML report and `snakemake --report`: workflow/report/captions.yaml
     import yaml
 
-    return yaml.safe_load(Path(REPO, "workflow/report/captions.yaml").read_text())[figure]
+    return yaml.safe_load(Path(REPO, "workflow/report/captions.yaml").read_text())[
+        figure
+    ]
 
 
 def get_reference(wildcards=None) -> str:
@@ -168,7 +170,9 @@ def get_reference(wildcards=None) -> str:
         return ""
     if ref:
         if not Path(ref).is_dir():
-            raise WorkflowError(f"kvstudy: reference run {ref!r} is not a folder (config `reference`)")
+            raise WorkflowError(
+                f"kvstudy: reference run {ref!r} is not a folder (config `reference`)"
+            )
         return ref
     runs = sorted(Path("results/reference").glob(f"{config['preset']}-*/"))
     return str(runs[-1]) if runs else ""

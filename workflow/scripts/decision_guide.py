@@ -26,6 +26,11 @@ def level(x: float, unit: str) -> str:
 f = guide.focus(g)
 tpots = sorted(f["tpot_slo_ms"].unique()) if not f.empty else [math.inf]
 fig, axes = P.plt.subplots(1, len(tpots), figsize=(3.6 * len(tpots), 3.4), squeeze=False)
+if f.empty:  # no experiment of guide.SOURCES in this run: say so instead of an empty grid
+    axes[0, 0].text(0.5, 0.5, "no configuration measured\n(experiments: " + ", ".join(guide.SOURCES) + ")",
+                    ha="center", va="center", transform=axes[0, 0].transAxes)
+    axes[0, 0].set_axis_off()
+    tpots = []
 for ax, tpot in zip(axes.flat, tpots):
     s = f[f["tpot_slo_ms"] == tpot]
     mems, ttfts = sorted(s["mem_limit_gb"].unique()), sorted(s["ttft_slo_ms"].unique())

@@ -23,7 +23,7 @@ for p in smk.input.cells:
     cells.append(row(p))
 cells = frame(cells)
 captions = yaml.safe_load(Path(smk.input.captions).read_text())
-figures = [(Path(p).stem, Path(p), captions.get(Path(p).stem, "")) for p in smk.input.figures]
+figures = [(Path(p).stem, Path(p), captions.get(Path(p).stem, "")) for p in [*smk.input.figures, smk.input.guide_png]]
 compare = pd.read_csv(smk.input.compare) if smk.input.get("compare") else None
 commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
