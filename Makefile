@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: smoke paper test test-docker test-vllm-image test-slurm images gpu-wheels status
+.PHONY: smoke paper test test-docker test-vllm-image test-slurm images gpu-wheels status compare smoke-reference
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +53,14 @@ PRESET ?= smoke
 status: $(VENV)/.installed
 	$(BIN)/python -m workflow.lib.lock
 	$(BIN)/python -m workflow.lib.status --config preset=$(PRESET) $(if $(filter smoke,$(PRESET)),runner=local) $(CONFIG)
+
+# this run vs a reference run, cell by cell: this / reference per headline metric, flagged outside tolerance
+REF ?=
+compare: $(VENV)/.installed
+	@test -n "$(REF)" || { echo "make compare: name the reference run, e.g. REF=$$(ls -d results/reference/*/ | head -1)" >&2; exit 2; }
+	$(BIN)/python -m workflow.lib.compare --ref $(REF) --out results/compare/$(notdir $(patsubst %/,%,$(REF))).csv
+
+# regenerate the shipped smoke reference run (results/reference/smoke-<date>/): the smoke run, timed, then its
+# cells, tables, claims, decision guide and report copied there
+smoke-reference: $(VENV)/.installed
+	start=$$(date +%s); $(MAKE) smoke && $(BIN)/python -m workflow.lib.reference --preset smoke --wall-s $$(( $$(date +%s) - start ))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -21,6 +22,13 @@ FAILED = {"oom": "OOM", "timeout": "timeout", "unsupported": "unsupported"}
 
 plt.rcParams.update({"figure.dpi": 150, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
                      "legend.fontsize": 7, "savefig.bbox": "tight", "figure.constrained_layout.use": True})
+
+
+def model_order(names) -> list[str]:
+    """Models smallest first (registry parameter count), so panels and bars read in size order."""
+    from frameworks import models
+
+    return sorted(dict.fromkeys(names), key=lambda m: (models.entry(m).get("params") or 0, m))
 
 
 def load(path: str) -> pd.DataFrame:
@@ -45,9 +53,27 @@ def series_label(fw: str, extra: str | None = None) -> str:
     return LABELS.get(fw, fw) + (f" ({extra})" if extra else "")
 
 
+# error bars: throughput +- one std over repetitions; latency means from p50 to p90 over requests
+ERRORS = {"output_tok_s": "output_tok_s_std"}
+LATENCY_BARS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+
+
+def error_bars(g: pd.DataFrame, y: str):
+    """(lower, upper) distances from y for errorbar(), or None where the metric has no spread."""
+    if y in ERRORS and ERRORS[y] in g:
+        sd = g[ERRORS[y]].fillna(0).to_numpy()
+        return [sd, sd]
+    base = y.rsplit("_", 1)[0]
+    if base in LATENCY_BARS and f"{base}_p50" in g and f"{base}_p90" in g:
+        lo = (g[y] - g[f"{base}_p50"]).clip(lower=0).to_numpy()
+        hi = (g[f"{base}_p90"] - g[y]).clip(lower=0).to_numpy()
+        return [lo, hi]
+    return None
+
+
 def lines(ax, df: pd.DataFrame, x: str, y: str, by: tuple[str, ...] = ("framework",)) -> None:
-    """One line per group over x; cells that did not produce a number (OOM, timeout) are marked
-    with an x at the top edge of the axis at their x, labelled by status."""
+    """One line per group over x, with error bars where the metric has a spread; cells that did not
+    produce a number (OOM, timeout) are marked with an x at the top edge of the axis at their x."""
     for key, g in df.groupby(list(by), sort=True):
         key = key if isinstance(key, tuple) else (key,)
         fw = key[0]
@@ -55,8 +81,9 @@ def lines(ax, df: pd.DataFrame, x: str, y: str, by: tuple[str, ...] = ("framewor
         g = g.sort_values(x)
         ok = g[(g["status"] == "ok") & g[y].notna()]
         # a third key (the engine's decode mode) sets the line style, the second the marker
-        ax.plot(ok[x], ok[y], color=COLORS.get(fw), linestyle=LINESTYLES.get(key[-1], "-"),
-                marker=MARKERS.get(style, "o"), markersize=4, label=series_label(fw, ", ".join(map(str, key[1:])) or None))
+        ax.errorbar(ok[x], ok[y], yerr=error_bars(ok, y), color=COLORS.get(fw), linestyle=LINESTYLES.get(key[-1], "-"),
+                    marker=MARKERS.get(style, "o"), markersize=4, capsize=2, elinewidth=0.8,
+                    label=series_label(fw, ", ".join(map(str, key[1:])) or None))
     mark_failed(ax, df, x)
 
 
@@ -83,11 +110,11 @@ def chance(ax, df: pd.DataFrame) -> None:
 
 def by_model(df: pd.DataFrame, ncols_max: int = 3, height: float = 3.0):
     """One panel per model (most figures have a single model)."""
-    model_names = list(dict.fromkeys(df["model"]))
+    model_names = model_order(df["model"])
     n = max(1, len(model_names))
     cols = min(n, ncols_max)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, height * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(zip(model_names, axes.flat))
@@ -107,24 +134,45 @@ def memory_note(df: pd.DataFrame) -> str | None:
     return f"GPU memory capped at {' / '.join(f'{c:g}' for c in caps)} GB per cell{some} ({card})"
 
 
-def save(fig, outputs, df: pd.DataFrame | None = None) -> None:
-    note = memory_note(df) if df is not None else None
+def stamp(df: pd.DataFrame, preset: str) -> str:
+    """What ran where, for the corner of every figure: a CPU smoke run must not pass for an H100."""
+    gpus = sorted(df["gpu_name"].dropna().unique()) if "gpu_name" in df else []
+    where = ", ".join(gpus) if gpus else "CPU run (no GPU): tiny random models, numbers show the pipeline works"
+    dtypes = ", ".join(sorted(df["dtype"].dropna().astype(str).unique())) if "dtype" in df else ""
+    return f"preset {preset} | {where} | {dtypes}"
+
+
+def save(fig, smk, df: pd.DataFrame) -> None:
+    """Stamp the run's preset and hardware, save PDF + PNG, and say in the rule's log what was drawn."""
+    fig.text(0.0, -0.02, stamp(df, smk.config.get("preset", "?")), fontsize=6, color="#555555", ha="left", va="top")
+    note = memory_note(df)
     if note:  # where the out-of-memory points come from
-        fig.text(0.5, 0, note, ha="center", va="top", fontsize=6, color="0.35")
-    for path in (outputs.pdf, outputs.png):
+        fig.text(0.0, -0.06, note, fontsize=6, color="#555555", ha="left", va="top")
+    for path in (smk.output.pdf, smk.output.png):
         fig.savefig(path)
     plt.close(fig)
+    counts = df["status"].value_counts().to_dict() if "status" in df else {}
+    with open(smk.log[0], "w") as log:
+        print(f"{Path(smk.output.png).stem}: {len(df)} cells from {', '.join(map(str, smk.input))} ({counts}); "
+              f"wrote {smk.output.pdf}, {smk.output.png}", file=log)
+
+
+def zero_based(ax) -> None:
+    """Memory and linear throughput axes start at zero: a 0.1 GB difference must look like one."""
+    if ax.get_yscale() == "linear":
+        ax.set_ylim(bottom=0)
 
 
 def finish(ax, title: str | None = None) -> None:
+    """Title, and the legend outside the data (right of the panel)."""
     if title:
         ax.set_title(title)
     handles, _ = ax.get_legend_handles_labels()
     if handles:
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
-def lines_per_model(df: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, outputs,
+def lines_per_model(df: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, smk,
                     by: tuple[str, ...] = ("framework", "prefill"), logy: bool = False) -> None:
     """The common figure: one panel per model, a line per group over a log2 x axis; saved. Where a
     framework ran in both decode modes (hf in the paper's `batch`), each mode is its own line."""
@@ -136,7 +184,9 @@ def lines_per_model(df: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, 
         ax.set_xscale("log", base=2)
         if logy:
             ax.set_yscale("log")
+        else:
+            zero_based(ax)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         finish(ax, model)
-    save(fig, outputs, df)
+    save(fig, smk, df)

@@ -38,6 +38,17 @@ def row(path: str) -> dict:
         out.update({"weights": spec.get("weights"), "num_examples": spec.get("num_examples")})
         out.update({k: (acc.get(k) if k != "task" else acc.get(k, spec.get("task"))) for k in ACCURACY_COLUMNS})
     out.update({"gpu_name": prov.get("gpu_name"), "gpu_total_mem_gb": prov.get("gpu_total_mem_gb"),
+                "host": prov.get("host"),
                 "git_commit": (prov.get("git") or {}).get("commit"),
                 "image_id": prov.get("image_id"), "path": path})
     return out
+
+
+def frame(rows: list[dict]):
+    """Rows -> one table with the same column order in every experiment: the fixed columns of row(),
+    then the policy keys the cells have (policy.<key>, sorted), so tables line up side by side."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    policy = sorted(c for c in df.columns if c.startswith("policy."))
+    return df[[c for c in df.columns if c not in policy] + policy]

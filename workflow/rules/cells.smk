@@ -14,6 +14,7 @@ rule run_cell:
     resources:
         gpu=get_cell_gpus,
         runtime=get_cell_runtime_min,
+        cpu_exclusive=get_cell_cpu_exclusive,  # timed CPU cells one at a time (profile: cpu_exclusive=1)
     params:
         spec=get_cell_spec,
         launch=get_launch_options,

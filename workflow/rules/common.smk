@@ -110,6 +110,11 @@ def get_cell_runtime_min(wildcards) -> int:
     return math.ceil((get_cell(wildcards).timeout_s + launch.GRACE_S) / 60)
 
 
+def get_cell_cpu_exclusive(wildcards) -> int:
+    # a CPU cell times the cores it runs on: two at once would time each other
+    return 1 if PRESET["device"] == "cpu" else 0
+
+
 def get_framework_code(wildcards) -> list[str]:
     # a cell depends on the code that runs it: what its framework's image copies (images.COPIES)
     image = images.image_of(wildcards.framework)
@@ -234,11 +239,63 @@ def get_figure_table(wildcards) -> str:
     return f"results/tables/{FIGURES[wildcards.figure]}.csv"
 
 
+def get_all_tables(wildcards=None) -> list[str]:
+    return [f"results/tables/{e}.csv" for e in EXPERIMENTS]
+
+
+def get_figures() -> list[str]:
+    return [fig for fig, exp in FIGURES.items() if exp in EXPERIMENTS]
+
+
+def get_caption(figure: str) -> str:
+    # one caption per figure for the HTML report and `snakemake --report`: workflow/report/captions.yaml
+    import yaml
+
+    return yaml.safe_load(Path(REPO, "workflow/report/captions.yaml").read_text())[
+        figure
+    ]
+
+
+def get_reference(wildcards=None) -> str:
+    # config `reference`: a run folder, "none", or "" = the newest results/reference/<preset>-*/
+    ref = config.get("reference", "")
+    if ref == "none":
+        return ""
+    if ref:
+        if not Path(ref).is_dir():
+            raise WorkflowError(
+                f"kvstudy: reference run {ref!r} is not a folder (config `reference`)"
+            )
+        return ref
+    runs = sorted(Path("results/reference").glob(f"{config['preset']}-*/"))
+    return str(runs[-1]) if runs else ""
+
+
+def get_reference_cells(wildcards) -> list[str]:
+    ref = get_reference()
+    return sorted(str(p) for p in Path(ref).rglob("*.json")) if ref else []
+
+
+def get_report_inputs(wildcards) -> dict:
+    inputs = {
+        "cells": sorted(CELLS),
+        "tables": get_all_tables(),
+        "figures": [f"results/figures/{fig}.png" for fig in get_figures()],
+        "claims": "results/claims.csv",
+        "guide": "results/guide/decision_guide.csv",
+        "guide_png": "results/figures/decision_guide.png",
+        "captions": "workflow/report/captions.yaml",
+        "lib": "workflow/lib/report.py",
+    }
+    if get_reference():
+        inputs["compare"] = "results/compare/reference.csv"
+    return inputs
+
+
 def get_all_targets() -> list[str]:
     # every cell is a target of its own: a deleted (or never written) result reruns even while
     # the table built from it exists
-    targets = sorted(CELLS) + [f"results/tables/{e}.csv" for e in EXPERIMENTS]
-    for fig, exp in FIGURES.items():
-        if exp in EXPERIMENTS:
-            targets += [f"results/figures/{fig}.{ext}" for ext in ("pdf", "png")]
-    return targets
+    targets = sorted(CELLS) + get_all_tables()
+    for fig in get_figures():
+        targets += [f"results/figures/{fig}.{ext}" for ext in ("pdf", "png")]
+    return targets + ["results/claims.csv", "results/report/index.html"]

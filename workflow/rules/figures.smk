@@ -5,11 +5,17 @@ rule figure:
         lib="workflow/lib/plotting.py",  # shared by every figure script: a change redraws them
     output:
         pdf="results/figures/{figure}.pdf",
-        png="results/figures/{figure}.png",
+        png=report(
+            "results/figures/{figure}.png",
+            caption="../report/figure.rst",
+            category="Figures",
+        ),
     log:
         "logs/figures/{figure}.log",
     wildcard_constraints:
         figure="|".join(FIGURES),
+    params:
+        caption=lambda wildcards: get_caption(wildcards.figure),  # workflow/report/captions.yaml
     script:
         "../scripts/{wildcards.figure}.py"
 

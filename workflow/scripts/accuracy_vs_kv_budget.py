@@ -21,4 +21,4 @@ for ax, task in zip(axes[0], tasks):
     metric = d["metric"].dropna().iloc[0] if d["metric"].notna().any() else "accuracy"
     ax.set_ylabel(f"{metric} (fraction)")
     P.finish(ax, f"{task} ({', '.join(sorted(d['model'].unique()))})")
-P.save(fig, snakemake.output)  # noqa: F821
+P.save(fig, snakemake, df)  # noqa: F821

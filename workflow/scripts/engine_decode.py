@@ -23,4 +23,4 @@ for (ax_t, ax_s), model in zip(axes, models):
         ax.set_xlabel("batch size (sequences)")
         ax.set_ylabel(label)
         P.finish(ax, f"{model}: engine decode mode")
-P.save(fig, snakemake.output)  # noqa: F821
+P.save(fig, snakemake, df)  # noqa: F821

@@ -27,4 +27,4 @@ for ax, (model, task) in zip(axes[0], panels):
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("recall (exact match, fraction)")
     P.finish(ax, f"{model}: {task}")
-P.save(fig, snakemake.output)  # noqa: F821
+P.save(fig, snakemake, df)  # noqa: F821

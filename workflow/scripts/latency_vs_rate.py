@@ -24,4 +24,4 @@ for ax, (metric, label) in zip(axes, [("ttft_ms_mean", "TTFT (ms, mean)"), ("e2e
     ax.set_xlabel("request rate (requests/s)")
     ax.set_ylabel(label)
     P.finish(ax)
-P.save(fig, snakemake.output, df)  # noqa: F821
+P.save(fig, snakemake, df)  # noqa: F821

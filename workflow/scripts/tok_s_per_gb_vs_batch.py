@@ -8,4 +8,4 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1]))  # noqa: F821 - Sn
 from workflow.lib import plotting as P  # noqa: E402
 
 df = P.load(snakemake.input.table)  # noqa: F821
-P.lines_per_model(df, "batch_size", "output_tok_s_per_gb", "batch size (sequences)", P.per_gb_label(df), snakemake.output)  # noqa: F821
+P.lines_per_model(df, "batch_size", "output_tok_s_per_gb", "batch size (sequences)", P.per_gb_label(df), snakemake)  # noqa: F821

@@ -8,4 +8,4 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1]))  # noqa: F821 - Sn
 from workflow.lib import plotting as P  # noqa: E402
 
 df = P.load(snakemake.input.table)  # noqa: F821
-P.lines_per_model(df, "prompt_len", "ttft_ms_mean", "prompt length (tokens)", "TTFT (ms, mean)", snakemake.output, logy=True)  # noqa: F821
+P.lines_per_model(df, "prompt_len", "ttft_ms_mean", "prompt length (tokens)", "TTFT (ms, mean)", snakemake, logy=True)  # noqa: F821
