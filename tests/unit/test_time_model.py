@@ -52,7 +52,9 @@ def test_cli_estimates_paper_and_lists_what_it_cannot(tmp_path, capsys):
     assert tm.main(["--cells", str(CELLS), "--gpus", "1", "4", "--startup-s", "20", "--json", str(out)]) == 0
     est = json.loads(out.read_text())
     assert est["makespan_s"]["4"] < est["makespan_s"]["1"]
-    assert all("/vllm/" in p or "/h2o/" in p for p in est["not_estimated"])
+    # what the shipped H100 cells cannot time: vLLM, H2O, and the accuracy cells (other models, no timing)
+    assert all("/vllm/" in p or "/h2o/" in p or p.split("/")[2] in ("accuracy", "fact_retention")
+               for p in est["not_estimated"]), est["not_estimated"]
     assert "not estimated" in capsys.readouterr().out
     assert tm.main(["--cells", str(tmp_path / "nothing")]) == 2
 
