@@ -96,6 +96,19 @@ class KVPolicy:
         return {}
 
 
+def append_in_place(layer, key_states: torch.Tensor, value_states: torch.Tensor):
+    """Write new tokens after a preallocated layer's `length` filled ones; return the filled part."""
+    if not layer.is_initialized:
+        layer.lazy_initialization(key_states, value_states)
+    end = layer.length + key_states.shape[-2]
+    if end > layer.max_cache_len:
+        raise RuntimeError(f"KV cache overflow: {end} tokens > preallocated {layer.max_cache_len}")
+    layer.keys[:, :, layer.length:end] = key_states
+    layer.values[:, :, layer.length:end] = value_states
+    layer.length = end
+    return layer.keys[:, :, :end], layer.values[:, :, :end]
+
+
 class PreallocatedLayer(CacheLayerMixin):
     """Full cache of one layer: [batch, kv_heads, max_len, head_dim] allocated once at the first
     update, then written in place. Attention sees a view of the filled part only, so prefill keeps
@@ -119,16 +132,7 @@ class PreallocatedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        end = self.length + n
-        if end > self.max_cache_len:
-            raise RuntimeError(f"KV cache overflow: {end} tokens > preallocated {self.max_cache_len}")
-        self.keys[:, :, self.length:end] = key_states
-        self.values[:, :, self.length:end] = value_states
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return append_in_place(self, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -161,17 +165,9 @@ class StaticDecodeLayer(StaticLayer):
             if key_states.shape[-2] != 1:
                 raise RuntimeError("graph decode feeds one token per sequence per step")
             return super().update(key_states, value_states)  # index_copy_ at cumulative_length
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        end = self.length + n
-        if end > self.max_cache_len:
-            raise RuntimeError(f"KV cache overflow: {end} tokens > preallocated {self.max_cache_len}")
-        self.keys[:, :, self.length:end] = key_states
-        self.values[:, :, self.length:end] = value_states
-        self.cumulative_length.fill_(end)
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        keys, values = append_in_place(self, key_states, value_states)
+        self.cumulative_length.fill_(self.length)
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0  # prefill only: decode gets the engine's mask
