@@ -18,7 +18,9 @@ from workflow.lib import launch
 
 pytestmark = pytest.mark.slow
 SECRET = "hf_kvstudy_canary_" + hashlib.sha1(str(os.getpid()).encode()).hexdigest()[:12]
-RUN = ["--cores", "2", "--configfile", "docker.yaml", "--config", "preset=smoke", "experiments=[kv_budget,model_size]"]
+# the engine frameworks: the vLLM image has its CPU variant and its own job (test_vllm_image.py)
+RUN = ["--cores", "2", "--configfile", "docker.yaml", "--config", "preset=smoke", "experiments=[kv_budget,model_size]",
+       "frameworks=[hf,h2o,infinigen]"]
 CELL = "results/cells/kv_budget/hf/tiny-llama-3.1/bs4_in256_out16_kv1_sdpa.json"
 
 

@@ -19,7 +19,7 @@ def dry(repo, *config):
         (["preset=smoke", "models=[llama-9b]"], "unknown model 'llama-9b'"),
         (["preset=smoke", "runnr=local"], "unknown key"),
         (["preset=smoke", "frameworks=hf"], "frameworks: 'hf' is not of type 'array'"),
-        (["preset=smoke", "experiments=[accuracy]"], "experiments.0: 'accuracy' is not one of"),
+        (["preset=smoke", "experiments=[accuracies]"], "experiments.0: 'accuracies' is not one of"),
     ],
 )
 def test_bad_config(repo_copy, config, message):
