@@ -131,7 +131,7 @@ def test_force_one_cell_redoes_only_that_cell(smoke):
     p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
     changed = {k for k, v in mtimes(smoke).items() if v != after[k]}
     assert changed == {"results/tables/batch.csv"} | {f"results/figures/{f}.{e}" for f in
-                                                        ("throughput_vs_batch", "memory_vs_batch", "tok_s_per_gb_vs_batch",
+                                                        ("throughput_vs_batch", "memory_vs_batch", "tok_s_per_gb_vs_batch", "engine_decode",
                                                          "decision_guide") for e in ("pdf", "png")} | REPORT
 
 
