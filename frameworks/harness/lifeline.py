@@ -62,6 +62,19 @@ def guard(pgid: int, cleanup: list[str] | None = None, remove: str | Path | None
     return Lifeline(w, watchdog)
 
 
+def die_with_parent() -> None:
+    """preexec_fn of a supervised child: the kernel sends it SIGKILL the moment its supervisor dies
+    (Linux PR_SET_PDEATHSIG), before the watchdog below has even started; elsewhere a no-op and the
+    watchdog alone does it."""
+    try:
+        import ctypes
+        import signal as _signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(_signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 def make_temp_dir() -> tempfile.TemporaryDirectory:
     """A temp dir for one cell, locked by this process for its life; removes stale ones first."""
     sweep_stale()

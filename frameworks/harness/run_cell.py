@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         record_path = Path(td) / "record.json"
         cmd = [sys.executable, "-m", "frameworks.harness.worker", "--spec", spec.to_json(),
                "--record", str(record_path), "--threads", str(args.threads)]
-        proc = subprocess.Popen(cmd, start_new_session=True)
+        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=lifeline.die_with_parent)
         # if this process is killed (even by SIGKILL), the worker's group and the temp dir go too
         line = lifeline.guard(proc.pid, remove=td)
 

@@ -1,5 +1,6 @@
 # Config -> cell table, and the input functions every rule uses.
 import math
+import os
 import shlex
 import sys
 import tempfile
@@ -176,7 +177,9 @@ def get_launch_options(wildcards) -> str:
     # runner and image only: relative, machine-independent (GPU, uid, paths: decided at run time)
     image = get_cell_image(wildcards)
     if RUNNER == "local":
-        return f"--runner local" + (f" --python {VLLM_VENV}/bin/python" if image else "")
+        return f"--runner local" + (
+            f" --python {VLLM_VENV}/bin/python" if image else ""
+        )
     return f"--runner {RUNNER} --image {image[0]}"
 
 

@@ -43,5 +43,7 @@ rule vllm_venv:
         installed=f"{VLLM_VENV}/.installed",
     log:
         "logs/images/vllm-venv.log",
+    params:
+        venv=lambda wildcards, output: os.path.dirname(output.installed),
     shell:
-        "bash {input.script:q} {VLLM_VENV:q} > {log:q} 2>&1"
+        "bash {input.script:q} {params.venv:q} > {log:q} 2>&1"
