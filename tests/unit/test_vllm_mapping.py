@@ -150,7 +150,7 @@ def test_metrics_from_vllms_own_prometheus_logger(tmp_path):
     cache.num_gpu_blocks = 777
     vllm_config = SimpleNamespace(model_config=EngineArgs(**kw).create_model_config(), cache_config=cache,
                                   observability_config=ObservabilityConfig(), speculative_config=None,
-                                  lora_config=None, kv_transfer_config=None)
+                                  lora_config=None, kv_transfer_config=None, ec_transfer_config=None, watermark_config=None)
     logger = PrometheusStatLogger(vllm_config, [0])
     logger.log_engine_initialized()
 
@@ -161,8 +161,8 @@ def test_metrics_from_vllms_own_prometheus_logger(tmp_path):
         for e2e in finished:
             stats = RequestStateStats(num_generation_tokens=16, arrival_time=it.iteration_timestamp - e2e,
                                       queued_ts=1.0, scheduled_ts=1.25, first_token_ts=1.5, last_token_ts=3.0)
-            it.update_from_finished_request(FinishReason.LENGTH, 64, 16, stats)
-        logger.record(SchedulerStats(), it, 0)
+            it.update_from_finished_request(FinishReason.LENGTH, f"r{len(finished)}", 64, 16, stats)
+        logger.record(SchedulerStats(), it, engine_idx=0)
 
     iteration(1, [0.5], [])  # before the measured window
     before = get_metrics_snapshot()
