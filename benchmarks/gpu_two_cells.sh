@@ -12,12 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu2}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c "import snakemake" 2>/dev/null; then  # the GPU machine has no Snakemake: offline wheels
-    site=$(mktemp -d /tmp/kvstudy-site.XXXXXX)
-    python3 -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl
-    export PYTHONPATH="$site:$PYTHONPATH"
-fi
+. benchmarks/offline_snakemake.sh  # the GPU machine has no Snakemake: offline wheels
 nvidia-smi -L | tee "$OUT/nvidia-smi-L.txt"
 rm -rf results/cells/batch/hf/tiny-llama-3.1 logs/cells/batch/hf/tiny-llama-3.1
 nvidia-smi --query-compute-apps=timestamp,gpu_uuid,pid,used_memory --format=csv -l 1 > "$OUT/nvidia-smi-apps.csv" &
