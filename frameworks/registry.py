@@ -28,6 +28,9 @@ class Framework:
     # decode step: "graph" (static shapes, captured once, replayed) or "eager" (transformers as-is,
     # one forward and a host sync per step); the first is the default of the framework's cells
     decode_modes: tuple[str, ...] = ("graph", "eager")
+    # busy processes of a request-rate cell on the CPU, each on the cell's threads (the workflow
+    # reserves that many cores for it): vLLM's AsyncLLM runs its engine core beside the driver
+    rate_cell_processes: int = 1
 
 
 PREFILL_MODES = ("eager", "sdpa", "flash", "chunked")
@@ -80,6 +83,7 @@ FRAMEWORKS: dict[str, Framework] = {
                 {"gpu_memory_utilization", "num_gpu_blocks", "kv_cache_memory_bytes", "enforce_eager", "max_num_seqs"}
             ),
             decode_modes=("graph",),  # vLLM's own CUDA graphs; its policy key enforce_eager turns them off
+            rate_cell_processes=2,
         ),
     )
 }

@@ -62,6 +62,15 @@ def guard(pgid: int, cleanup: list[str] | None = None, remove: str | Path | None
     return Lifeline(w, watchdog)
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a process started with start_new_session=True and everything it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def die_with_parent() -> None:
     """preexec_fn of a supervised child: the kernel sends it SIGKILL the moment its supervisor dies
     (Linux PR_SET_PDEATHSIG), before the watchdog below has even started; elsewhere a no-op and the

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from frameworks.harness import workload
+from frameworks.harness import cputime, workload
 from frameworks.harness.memory import MemoryMonitor
 
-# warm-up runs the cell's shapes with at most this many decode steps (compiles, caches, graphs)
+# warm-up runs the cell's shapes with at most this many decode steps (compiles, caches, graphs);
+# on a CPU the whole generation length: a CPU repetition is short, and after 4 steps of warm-up the
+# first repetitions of the smoke reference run were up to 1.7x slower than the last ones
 WARMUP_GEN_LEN = 4
 
 
@@ -30,7 +32,7 @@ def requests(spec, vocab_size: int) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def warmup_gen_len(spec) -> int:
-    return min(spec.gen_len, WARMUP_GEN_LEN)
+    return spec.gen_len if spec.device == "cpu" else min(spec.gen_len, WARMUP_GEN_LEN)
 
 
 @dataclass
@@ -45,16 +47,18 @@ def measure(spec, warm: Callable[[int], object], rep: Callable[[int], tuple[list
             monitor: MemoryMonitor, before_measure: Callable[[], object] | None = None) -> Measured:
     """spec.warmup calls of warm(w), then spec.repetitions calls of rep(r) -> (timings, duration_s)
     inside `monitor`. before_measure runs between the two (reset peaks, snapshot counters)."""
-    t0 = time.perf_counter()
-    for w in range(spec.warmup):
-        warm(w)
-    warmup_s = time.perf_counter() - t0
-    if before_measure is not None:
-        before_measure()
-    timings, durations = [], []
-    with monitor:
-        for r in range(spec.repetitions):
-            t, d = rep(r)
-            timings += t
-            durations.append(d)
+    # CPU cells: no other cell's warm-up or repetitions on this host meanwhile (cputime.py)
+    with cputime.exclusive(spec.device):
+        t0 = time.perf_counter()
+        for w in range(spec.warmup):
+            warm(w)
+        warmup_s = time.perf_counter() - t0
+        if before_measure is not None:
+            before_measure()
+        timings, durations = [], []
+        with monitor:
+            for r in range(spec.repetitions):
+                t, d = rep(r)
+                timings += t
+                durations.append(d)
     return Measured(timings, durations, monitor.result(), warmup_s)

@@ -20,17 +20,9 @@ import sys
 from pathlib import Path
 
 from frameworks.harness import lifeline, provenance, result
+from frameworks.harness.lifeline import kill_group
 from frameworks.harness.spec import CellSpec, SpecError
 from frameworks.harness.worker import now
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """Kill a process started with start_new_session=True and everything it started."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

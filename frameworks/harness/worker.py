@@ -9,11 +9,34 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from frameworks import registry
 from frameworks.harness.outcome import is_oom, now, run_and_record  # noqa: F401 - is_oom, now: imported from here
 from frameworks.harness.spec import CellSpec
+
+
+# transformers imports these whenever they are installed (lm-eval brings both), for code an engine
+# cell never runs: scikit-learn for assisted decoding's ROC curve (generation/candidate_generator),
+# SciPy for the object-detection losses (loss/loss_*detr*). Both imports cost ~1.3 s of CPU in every
+# cell's process, more than a smoke cell computes.
+UNUSED_TRANSFORMERS_EXTRAS = ("is_sklearn_available", "is_scipy_available")
+
+
+def skip_unused_transformers_extras() -> None:
+    """Tell transformers that scikit-learn and SciPy are absent, before it imports its modeling code.
+    Engine cells only (the vLLM venv's transformers is vLLM's); anything that imports either package
+    itself (lm-eval's metrics) still gets it."""
+    try:
+        import transformers.utils as tu
+        import transformers.utils.import_utils as iu
+    except ImportError:
+        return
+    for name in UNUSED_TRANSFORMERS_EXTRAS:
+        if hasattr(iu, name):
+            setattr(iu, name, lambda: False)
+            setattr(tu, name, lambda: False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     spec = CellSpec.from_json(args.spec)
     if args.threads:
+        # before torch loads its OpenMP runtime, and inherited by any process the engine starts
+        # (vLLM's engine core): every pool of the cell has `threads` threads, not one per core
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
         import torch
 
         torch.set_num_threads(args.threads)
+    if registry.get(spec.framework).on_engine:
+        skip_unused_transformers_extras()
     record = run_and_record(spec, lambda: importlib.import_module(registry.get(spec.framework).adapter).run(spec))
     with open(args.record, "w") as f:
         json.dump(record, f, allow_nan=False)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from frameworks.harness import cputime
 from frameworks.harness.spec import CellSpec
 from tests.conftest import REPO
 from workflow.lib import launch
@@ -77,3 +78,14 @@ def test_local_cell_runs_in_the_python_it_is_given(tmp_path):
     p = subprocess.run([sys.executable, "-m", "workflow.lib.launch", "--runner", "local", "--python",
                         str(tmp_path / "nope"), "--", "--spec", "{}"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "is not an executable Python" in p.stderr
+
+
+def test_local_cpu_cell_gets_the_hosts_timing_lock(tmp_path):
+    # the lock file under results/ (mounted into containers, where cells name it /work/results/...)
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"$KVSTUDY_CPU_LOCK\" > {tmp_path}/lock\n")
+    fake.chmod(0o755)
+    p = subprocess.run([sys.executable, "-m", "workflow.lib.launch", "--runner", "local", "--python", str(fake), "--",
+                        "--spec", "{}", "--out", "x.json"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "lock").read_text().strip() == str(REPO / "results" / cputime.FILE_NAME)

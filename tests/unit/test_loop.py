@@ -1,5 +1,7 @@
 """The one measurement loop (frameworks/harness/loop.py) and the process-tree RSS."""
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -24,7 +26,8 @@ def test_measure_order_and_counts():
     assert calls == [("warm", 0), ("warm", 1), ("before",), ("rep", 0), ("rep", 1), ("rep", 2)]
     assert m.timings == [0, 1, 2] and m.rep_durations_s == [1.0, 2.0, 3.0]
     assert m.memory["peak_rss_gb"] > 0 and m.memory["peak_gpu_mem_gb"] is None
-    assert loop.warmup_gen_len(s) == 4 and loop.warmup_gen_len(spec(gen_len=2)) == 2
+    assert loop.warmup_gen_len(s) == 6  # CPU: the whole length
+    assert loop.warmup_gen_len(spec(device="cuda")) == 4 and loop.warmup_gen_len(spec(device="cuda", gen_len=2)) == 2
 
 
 def test_requests_same_draw_for_every_framework():
@@ -47,3 +50,32 @@ def test_tree_rss_counts_children():
     finally:
         child.kill()
         child.wait()
+
+
+LOCKED = """
+import json, sys, time
+from frameworks.harness import loop
+from frameworks.harness.memory import MemoryMonitor
+from frameworks.harness.spec import CellSpec
+s = CellSpec(experiment="t", framework="hf", model="llama-tiny", batch_size=1, prompt_len=8, gen_len=2, warmup=1,
+             repetitions=2, device=sys.argv[1])
+spans = []
+def rep(r):
+    t0 = time.time(); time.sleep(0.4); spans.append((t0, time.time())); return [], 0.4
+loop.measure(s, lambda w: time.sleep(0.2), rep, MemoryMonitor("cpu"))
+print(json.dumps(spans))
+"""
+
+
+def test_timed_regions_of_cpu_cells_take_turns(tmp_path):
+    # two CPU cells measuring at once: with the lock (launch sets KVSTUDY_CPU_LOCK) their
+    # repetitions never overlap; GPU cells (each on its own GPU) are not serialised
+    def run(device):
+        env = {**os.environ, "KVSTUDY_CPU_LOCK": str(tmp_path / "d" / "cpu.lock")}
+        procs = [subprocess.Popen([sys.executable, "-c", LOCKED, device], stdout=subprocess.PIPE, text=True, env=env)
+                 for _ in range(2)]
+        spans = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+        (a0, a1), (b0, b1) = [(s[0][0], s[-1][1]) for s in spans]
+        return a1 <= b0 or b1 <= a0
+    assert run("cpu")
+    assert not run("cuda")

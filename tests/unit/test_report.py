@@ -36,3 +36,13 @@ def test_page_has_every_section_and_inlines_figures(tmp_path: Path):
     assert "median 5.0%" in page  # CV of the one measured cell
     assert 'class="outside"' in page and "results/reference/x" in page  # 100 vs 50 tok/s flagged
     assert "http:" not in page and "https:" not in page and "<script" not in page  # offline: nothing fetched
+
+
+def test_repeatability_flags_every_cell_above_the_limit():
+    c = pd.concat([cells(), pd.DataFrame([
+        {"experiment": "batch", "framework": "vllm", "model": "m", "cell_id": f"v{i}", "status": "ok", "message": "",
+         "device": "cpu", "repetitions": 4, "output_tok_s": 100.0, "output_tok_s_std": 11.0 + i} for i in range(12)])])
+    c["output_tok_s_cv"] = c["output_tok_s_std"] / c["output_tok_s"]
+    text, over = report.repeatability(c)
+    assert "1 of 13 at ≤ 10%, 12 above (flagged)" in text
+    assert list(over["cell_id"]) == [f"v{i}" for i in reversed(range(12))]  # all of them, worst first

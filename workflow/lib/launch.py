@@ -29,8 +29,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from frameworks.harness import lifeline
-from frameworks.harness.run_cell import kill_group
+from frameworks.harness import cputime, lifeline
+from frameworks.harness.lifeline import kill_group
 from workflow.lib import gpus as gpulib
 
 # runner -> the image file a cell depends on (results/images/<framework>.<ext>; local: none)
@@ -169,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     python = args.python or sys.executable
     if args.python and not os.access(args.python, os.X_OK):
         raise SystemExit(f"kvstudy-launch: --python {args.python} is not an executable Python")
+    results_dir = Path("results")
+    if not args.gpus:  # CPU cells time one at a time on this host: one lock file, seen by every runner
+        lock = results_dir / cputime.FILE_NAME
+        env[cputime.ENV] = str(lock.resolve()) if args.runner == "local" else f"{WORKDIR}/{lock}"
     if args.runner == "local" and not args.gpus:  # CPU cell: nothing to claim, nothing to wrap
-        os.execv(python, [python, *CELL_MODULE, *cell_args])
+        os.execve(python, [python, *CELL_MODULE, *cell_args], env)
 
     claim = None
     gpu = None
@@ -193,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         rc = run([python, *CELL_MODULE, *cell_args], env, timeout_s, kill_group, fds)
     else:
-        results_dir = Path("results")
         meta = {**git_env(), "KVSTUDY_IMAGE_ID": read_image_id(
             args.image if args.runner == "docker" else str(Path(args.image).with_suffix(".iid")))}
+        if cputime.ENV in env:
+            meta[cputime.ENV] = env[cputime.ENV]
         secrets = [k for k in SECRETS if env.get(k)]
         if args.runner == "docker":
             name = container_name(out, results_dir)

@@ -16,6 +16,8 @@ EXTRA_METRICS = ("fetched_tokens_per_step", "fetched_tokens_per_seq_layer_specul
 # accuracy cells (the `accuracy` block): report (#14) writes claims C6/C7 over these columns
 ACCURACY_COLUMNS = ("task", "metric", "value", "stderr", "n", "chance", "context_len", "kv_kept_fraction",
                     "kv_fetched_fraction")
+# throughput repeatability: output_tok_s_std / output_tok_s over the repetitions (None below 2)
+CV_LIMIT = 0.10  # what a smoke run aims at (issue #14): cells above it are flagged
 SCALAR_METRICS = ("output_tok_s", "output_tok_s_std", "total_tok_s", "request_s", "duration_s", "kv_cache_bytes",
                   "peak_gpu_mem_gb", "peak_device_mem_gb", "peak_rss_gb", "output_tok_s_per_gb", "per_gb_basis")
 
@@ -31,6 +33,8 @@ def row(path: str) -> dict:
         stats = summary.get(m) or {}
         out.update({f"{m}_{s}": stats.get(s) for s in STAT_KEYS})
     out.update({k: summary.get(k) for k in SCALAR_METRICS})
+    out["output_tok_s_cv"] = throughput_cv(summary, spec.get("repetitions") or 0)
+    out["cv_over_limit"] = None if out["output_tok_s_cv"] is None else out["output_tok_s_cv"] > CV_LIMIT
     extra = res.get("extra") or {}
     out.update({k: extra.get(k) for k in EXTRA_METRICS})
     if res["spec"].get("task") is not None:  # accuracy cells only: the other tables keep their columns
@@ -42,6 +46,14 @@ def row(path: str) -> dict:
                 "git_commit": (prov.get("git") or {}).get("commit"),
                 "image_id": prov.get("image_id"), "path": path})
     return out
+
+
+def throughput_cv(summary: dict, repetitions: int) -> float | None:
+    """Coefficient of variation of output throughput over the repetitions (std / mean)."""
+    mean, std = summary.get("output_tok_s"), summary.get("output_tok_s_std")
+    if repetitions < 2 or not mean or std is None:
+        return None
+    return std / mean
 
 
 def frame(rows: list[dict]):

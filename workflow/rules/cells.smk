@@ -14,7 +14,7 @@ rule run_cell:
     resources:
         gpu=get_cell_gpus,
         runtime=get_cell_runtime_min,
-        cpu_exclusive=get_cell_cpu_exclusive,  # timed CPU cells one at a time (profile: cpu_exclusive=1)
+        torch_threads=get_cell_torch_threads,  # not a param: a change of --cores reruns nothing
     params:
         spec=get_cell_spec,
         launch=get_launch_options,
@@ -22,7 +22,7 @@ rule run_cell:
         # workflow/lib/launch.py runs the same run-cell arguments locally, in docker or apptainer,
         # on a GPU of its own
         '"$KVSTUDY_PYTHON" -m workflow.lib.launch {params.launch} --gpus {resources.gpu} -- '
-        "--spec {params.spec:q} --out {output.result:q} --threads {threads} > {log:q} 2>&1"
+        "--spec {params.spec:q} --out {output.result:q} --threads {resources.torch_threads} > {log:q} 2>&1"
 
 
 # A cell path this run does not have (another preset's, filtered out, in no sweep): its input

@@ -21,7 +21,7 @@ shell.prefix(
 
 from snakemake.exceptions import WorkflowError
 
-from frameworks import models
+from frameworks import models, registry
 from frameworks.harness.spec import CellSpec
 from workflow.lib import celltable, images, launch, preflight
 
@@ -86,19 +86,38 @@ def get_cell_spec(wildcards) -> str:
     return get_cell(wildcards).to_json()
 
 
-def get_cell_threads(wildcards) -> int:
-    threads = PRESET["cell_threads"]
-    # an executor plugin's run (SLURM) has no --cores: the job asks its scheduler for the threads
+def _cores() -> int | None:
+    # an executor plugin's run (SLURM) has no --cores: None
     try:
-        cores = workflow.cores
+        return workflow.cores
     except WorkflowError:
+        return None
+
+
+def get_cell_torch_threads(wildcards) -> int:
+    # the threads a cell computes on (torch.set_num_threads, OMP_NUM_THREADS)
+    threads = PRESET["cell_threads"]
+    cores = _cores()
+    if cores is None:
         if threads == "all":
             raise WorkflowError(
                 f"kvstudy: preset {config['preset']!r} has cell_threads: all (every core of this "
                 "machine), which a cluster cannot give; run it with --cores N, or set a number"
-            ) from None
+            )
         return threads
     return cores if threads == "all" else min(threads, cores)
+
+
+def get_cell_threads(wildcards) -> int:
+    # the cores a cell's job holds: its threads, times the busy processes of a request-rate cell
+    # on the CPU (vLLM's engine core beside its driver). CPU cells with cores to spare run side by
+    # side; their timed regions take turns (frameworks/harness/cputime.py)
+    threads = get_cell_torch_threads(wildcards)
+    cell = get_cell(wildcards)
+    if PRESET["device"] == "cpu" and cell.is_rate_cell:
+        threads *= registry.get(cell.framework).rate_cell_processes
+    cores = _cores()
+    return threads if cores is None else min(threads, cores)
 
 
 def get_cell_gpus(wildcards) -> int:
@@ -109,11 +128,6 @@ def get_cell_runtime_min(wildcards) -> int:
     # a scheduler's time limit (SLURM: sbatch -t): the cell's own limit plus the launcher's grace,
     # so a slow cell ends as a `timeout` result, and only a hung job is killed by the scheduler
     return math.ceil((get_cell(wildcards).timeout_s + launch.GRACE_S) / 60)
-
-
-def get_cell_cpu_exclusive(wildcards) -> int:
-    # a CPU cell times the cores it runs on: two at once would time each other
-    return 1 if PRESET["device"] == "cpu" else 0
 
 
 def get_framework_code(wildcards) -> list[str]:
@@ -149,6 +163,14 @@ def get_trainer_code(wildcards) -> list[str]:
 def get_trainer_gpus(wildcards) -> int:
     # the registry's `train.device`: the GPU model trains on a GPU of its own, the CPU one on none
     return 1 if models.entry(wildcards.trained)["train"].get("device") == "cuda" else 0
+
+
+def get_trainer_threads(wildcards) -> int:
+    # the cores training computes on (the registry's `train.threads`): held, so no timed cell
+    # shares them (CPU cells run beside other jobs)
+    threads = int(models.entry(wildcards.trained)["train"].get("threads", 1))
+    cores = _cores()
+    return threads if cores is None else min(threads, cores)
 
 
 def get_trainer_eval_lengths(wildcards) -> str:

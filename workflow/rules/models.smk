@@ -13,6 +13,7 @@ rule train_model:
         "logs/benchmarks/models/{trained}.tsv"
     wildcard_constraints:
         trained="|".join(TRAINED_MODELS) or "no-trained-model",
+    threads: get_trainer_threads
     resources:
         gpu=get_trainer_gpus,
     params:
