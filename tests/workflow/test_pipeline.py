@@ -231,11 +231,11 @@ def test_sigkilled_run_leaves_no_cell_process_and_resumes_with_only_that_cell(re
     tmp.mkdir()
     config = ["--config", "preset=smoke", "runner=local", VLLM_VENV]
     two = sorted(cells_of("smoke", experiments=["request_rate"], frameworks=["hf"]))[:2]  # two tiny cells
-    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "all", *two, *config],
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", *two, *config],
                             cwd=repo_copy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "TMPDIR": str(tmp)})
     deadline = time.time() + 300
-    # cells run one at a time (cell_threads: all): once one is written, Snakemake has recorded it
+    # one core: the cells run one after the other; once one is written, Snakemake has recorded it
     # and starts the other; kill while the other one's worker computes
     while time.time() < deadline and not (any((repo_copy / c).exists() for c in two) and
                                           any("harness.worker" in c for c in cell_processes(repo_copy))):
