@@ -230,9 +230,12 @@ def test_gpu_cell_is_submitted_with_a_gpu(cluster, repo):
 
 
 def test_cell_threads_all_is_refused_on_a_cluster(cluster, repo):
-    # smoke gives each cell every core of the machine: a cluster has no such number
-    proc = snakemake_slurm(cluster, repo, "--config", "preset=smoke", "runner=local", "--set-resources", *PROFILE_SET,
-                           "--", "results/cells/batch/hf/tiny-llama-3.1/bs4_in256_out32_kv1_sdpa.json")
+    # a preset that gives each cell every core of the machine: a cluster has no such number
+    every_core = yaml.safe_load(PRESET.read_text()) | {"cell_threads": "all"}
+    (repo / "config/presets/slurm-all-cores.yaml").write_text(yaml.safe_dump(every_core))
+    cell = sorted(celltable.build_cells({"preset": "slurm-all-cores", "runner": "local"}, every_core))[0]
+    proc = snakemake_slurm(cluster, repo, "--config", "preset=slurm-all-cores", "runner=local", "--set-resources",
+                           *PROFILE_SET, "--", cell)
     out = finish(proc, 300)
     assert proc.returncode != 0 and "has cell_threads: all" in out, out[-3000:]
     assert "has been submitted with SLURM jobid" not in out
