@@ -79,3 +79,20 @@ def test_timed_regions_of_cpu_cells_take_turns(tmp_path):
         return a1 <= b0 or b1 <= a0
     assert run("cpu")
     assert not run("cuda")
+
+
+def test_tree_rss_sees_a_child_started_after_monitoring_began():
+    # descendants are listed every RESCAN_S (listing scans the whole host), not at every sample
+    from frameworks.harness import memory
+
+    tree = MemoryMonitor("cpu", tree=True)
+    tree._sample()
+    before = tree.peak_rss
+    child = subprocess.Popen([sys.executable, "-c", "b = b\"x\" * 200_000_000; import time; time.sleep(3)"])
+    try:
+        time.sleep(max(1.0, memory.RESCAN_S))
+        tree._sample()
+        assert tree.peak_rss - before > 150_000_000
+    finally:
+        child.kill()
+        child.wait()
