@@ -18,9 +18,10 @@ head, all equal), the freed slot is written in place, and `reset` keeps the slot
 next batch of the same shape, so one captured step serves every step of every batch. Replayed
 steps run no Python: `seen` then stops at the captured step (the device counter is the truth).
 With step_kernel "triton" (graph decode on CUDA) a full layer's step is one fused kernel
-(kernels.decode_step): update() only hands the incoming token to it (`incoming`), and the
-attention function runs fused_step(), which writes the token, its position and score, attends,
-adds the scores and chooses the next free slot, exactly as the torch path below does.
+(kernels.decode_step, where kernels.fused_fits the slots): update() only hands the incoming
+token to it (`incoming`), and the attention function runs fused_step(), which writes the token,
+its position and score, attends, adds the scores and chooses the next free slot, exactly as the
+torch path below does.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class H2OLayer(CacheLayerMixin):
         self.sizes = sizes  # prompt_len -> (heavy, recent)
         self.score_kernel = score_kernel  # chunked prefill's column sums: "torch" | "triton" (attention.py)
         self.step_kernel = step_kernel  # decode once the slots are full: "torch" | "triton" (fused)
+        self.fused = False  # decode: step_kernel "triton" and the slots suit it (kernels.fused_fits)
         self.incoming: tuple[torch.Tensor, torch.Tensor] | None = None  # the token fused_step writes
         self.prefill_attention = ""  # which attention kernel the triton score path ran (metrics)
         # The layer must know when the prompt ends: the engine says how long this batch's prompt is
@@ -162,6 +164,7 @@ class H2OLayer(CacheLayerMixin):
         self.seen_t = self._buf("seen", (b, h, 1), torch.long).fill_(length)  # per row: the fused kernel's own
         self.keys, self.values, self.scores = keys, values, scores  # the prompt's KV is released here
         self.filled, self.free, self.decoding = n, None, True
+        self.fused = self.step_kernel == "triton" and kernels.fused_fits(b, h, slots)
 
     def _append_slot(self, k: torch.Tensor, v: torch.Tensor):
         if self.free is None:  # slots not full yet: append
@@ -171,7 +174,7 @@ class H2OLayer(CacheLayerMixin):
             self.pos[..., i] = self.seen
             self.filled += 1
             self.seen_t.add_(1)
-        elif self.step_kernel == "triton":  # fused_step writes it (and advances seen_t)
+        elif self.fused:  # fused_step writes it (and advances seen_t)
             self.incoming = (k, v)
         else:  # overwrite the slot each (sequence, head) freed at the previous step
             b, h, _, d = k.shape

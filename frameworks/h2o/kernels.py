@@ -43,6 +43,11 @@ LOG2E = math.log2(math.e)
 # times a few other tiles next to this one: benchmarks/gpu_engine.py, group h2o)
 PREFILL_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
 DECODE_BLOCK_S = 64
+# decode_step runs one program per (sequence, KV head) over all slots: with few programs and many
+# slots (batch 1, a long prompt's budget) it leaves most of the GPU idle, and the torch path's
+# batched matmuls are faster; the layer takes the fused step only where it fits (fused_fits)
+FUSED_MAX_SLOTS = 4096
+FUSED_MIN_PROGRAMS = 256
 
 
 def available() -> bool:
@@ -69,7 +74,7 @@ if triton is not None:
                        lq, lk, hkv, qk_scale, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCKS: tl.constexpr, PREC: tl.constexpr):
         kb = tl.program_id(0)
-        b = tl.program_id(1) // hkv
+        b = (tl.program_id(1) // hkv).to(tl.int64)  # batch offsets of a long prompt pass 2**31 elements
         j = tl.program_id(1) % hkv
         first = lk - lq  # position of the chunk's first query
         n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,7 +108,7 @@ if triton is not None:
                      G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, S_BLOCKS: tl.constexpr,
                      PREC: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
         g = tl.arange(0, BLOCK_G)
         g_ok = g < G
@@ -163,6 +168,10 @@ if triton is not None:
         tl.store(out_ptr + b * so_b + (j * G + g)[:, None] * so_h + dv[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=g_ok[:, None] & dv_ok[None, :])
         tl.store(free_ptr + b * sf_b + j, best_slot)
+
+
+def fused_fits(batch: int, kv_heads: int, slots: int) -> bool:
+    return slots <= FUSED_MAX_SLOTS or batch * kv_heads >= FUSED_MIN_PROGRAMS
 
 
 def _need(ok: bool, what: str) -> None:

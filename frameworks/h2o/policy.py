@@ -88,6 +88,7 @@ class H2OPolicy(KVPolicy):
                "h2o_score_kernel": self.score_kernel, "h2o_step_kernel": self.step_kernel}
         if self.cache is not None:
             out["h2o_bookkeeping_bytes"] = sum(layer.bookkeeping_bytes() for layer in self.cache.layers)
+            out["h2o_fused_step_layers"] = sum(layer.fused for layer in self.cache.layers)
             ran = sorted({layer.prefill_attention for layer in self.cache.layers} - {""})
             if ran:
                 out["h2o_prefill_attention"] = "; ".join(ran)
