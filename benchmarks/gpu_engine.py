@@ -15,12 +15,18 @@ soon as it is measured, and a variant's exception is recorded and the next one r
              hf graph at batch 1/16/64 (3 repetitions: CV), h2o graph at budget 0.2 (chunked
              prefill) at 1/16/64 with its bookkeeping (score update + eviction choice of every layer,
              captured alone and timed), graph vs eager on the 8B model (bf16: report), hf eager,
-             hf graph with the matmul decode kernel instead of SDPA
+             hf graph with the matmul decode kernel instead of SDPA (h2o's bookkeeping with its
+             fused step on CUDA: the fused steps minus SDPA over the same slots)
+  h2o        H2O's Triton kernels (benchmarks/gpu_engine_h2o.py): checked against the torch path on
+             the GPU (a few shapes: GQA, MHA, later chunks, ragged blocks), and timed (a 32K prompt's
+             prefill chunk: score kernel tiles vs flash; a 32-layer decode step: fused vs torch path)
+  ttft       h2o chunked prefill (its Triton score kernel on CUDA) vs hf flash prefill at 32K
+  ttft128k   the same at 131 064 tokens
   infinigen  budget 0.2 at batch 1/8/32, with and without fetch (its decode is eager)
   overhead   a fresh process: imports + 8B build + warm-up batch with the capture (bs 16)
-  ttft       h2o chunked prefill vs hf flash prefill at 32K
+  h2otorch   h2o graph at budget 0.2 with the torch path instead of the Triton kernels, batch 1/16/64
   compile    hf with torch.compile(mode="reduce-overhead") instead of one CUDA graph, batch 1/16/64
-  ttft128k   the same at 131 064 tokens, if time is left
+The default 490 s usually ends before h2otorch / compile: `--only h2otorch,compile` runs them in a call of their own.
 Prints every target against its value; writes DIR/summary.json (targets, variants, rates,
 provenance). A time guard skips (and records) what would not fit. --tiny: tiny model on the CPU.
 """
@@ -40,9 +46,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gpu_engine_h2o  # noqa: E402  (H2O's kernels: check, timing, fused bookkeeping)
 from gpu_engine_report import print_report, summarize  # noqa: E402  (the targets: a file of their own)
 
-GROUPS = ("engine", "infinigen", "overhead", "ttft", "compile", "ttft128k")
+GROUPS = ("engine", "h2o", "ttft", "ttft128k", "infinigen", "overhead", "h2otorch", "compile")
 CV_MAX = 0.05
 
 
@@ -82,6 +89,12 @@ def plan(tiny: bool) -> list[dict]:
             add("infinigen", f"infinigen/{'fetch' if fetch else 'nofetch'}/bs{b}", "decode", 12 + 0.3 * b,
                 framework="infinigen", batch=b, decode="eager", reps=1, gen=S["gen"] // 4, kv_budget=0.2, fetch=fetch)
     add("overhead", "overhead/hf-graph/bs16", "overhead", 35, batch=4 if tiny else 16)
+    add("h2o", "h2o/kernel-check", "h2o_kernel_check", 30)
+    if not tiny:
+        add("h2o", "h2o/kernel-timing", "h2o_kernel_timing", 45)
+    for b in S["hf_batches"]:
+        add("h2otorch", f"h2o/graph-torch/bs{b}", "decode", 8 + 0.3 * b, framework="h2o", batch=b, decode="graph",
+            reps=2, kv_budget=0.2, h2o_kernel="torch")
     add("ttft", "ttft/hf-flash", "ttft", 10, framework="hf", prompt=S["ttft"])
     add("ttft", "ttft/h2o-chunked", "ttft", 25, framework="h2o", prompt=S["ttft"])
     if not tiny:  # torch.compile needs CUDA here (the CPU path has no capture)
@@ -89,7 +102,7 @@ def plan(tiny: bool) -> list[dict]:
             add("compile", f"hf/compile/bs{b}", "decode", 70, framework="hf", batch=b, decode="graph", reps=2,
                 capture="compile")
     add("ttft128k", "ttft128k/hf-flash", "ttft", 20, framework="hf", prompt=S["ttft_long"])
-    add("ttft128k", "ttft128k/h2o-chunked", "ttft", 130, framework="h2o", prompt=S["ttft_long"])
+    add("ttft128k", "ttft128k/h2o-chunked", "ttft", 60, framework="h2o", prompt=S["ttft_long"])
     return v
 
 
@@ -171,7 +184,7 @@ def unhook(model) -> None:
 
 
 def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0, kernel="sdpa", capture="cuda_graph",
-               fetch=True) -> dict:
+               fetch=True, h2o_kernel=None) -> dict:
     from frameworks.harness import workload
     from frameworks.hf import attention
 
@@ -182,6 +195,8 @@ def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0
     attention.decode_kernel = kernel
     try:
         policy, engine = make_engine(ctx, spec, model, capture, fetch)
+        if h2o_kernel:  # before the first cache: its layers take the policy's choice
+            policy.score_kernel = policy.step_kernel = h2o_kernel
         prompts = workload.prompts(0, batch, S["prompt"], model.config.vocab_size)
         t0 = time.perf_counter()
         engine.generate(prompts, min(gen, 4))  # the runner's warm-up: same shapes, captures the step
@@ -210,7 +225,12 @@ def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0
             res[f"cv_{key}"] = statistics.pstdev(xs) / statistics.mean(xs) if len(xs) > 1 else None
         if framework == "h2o":
             res["h2o_slots"] = policy.heavy + policy.recent + 1
-            res["bookkeeping_ms"] = h2o_bookkeeping_ms(ctx, policy.cache)
+            res["h2o"] = {k: v for k, v in policy.metrics().items() if k.endswith(("_kernel", "_attention"))}
+            if policy.step_kernel == "triton" and ctx.dev.type == "cuda":
+                res["bookkeeping_ms"] = gpu_engine_h2o.fused_bookkeeping_ms(ctx, policy.cache)
+                res["bookkeeping_kind"] = "fused step - SDPA over the same slots, all layers"
+            else:
+                res["bookkeeping_ms"] = h2o_bookkeeping_ms(ctx, policy.cache)
         if framework == "infinigen":
             m = policy.metrics()
             res["fetched_bytes_per_step"] = m.get("fetched_bytes_per_step")
@@ -345,13 +365,16 @@ def run_ttft(ctx: Ctx, framework: str, prompt: int) -> dict:
     model = ctx.get_model()
     spec = spec_of(ctx, framework, 1, prompt, 2, "graph", prefill="flash" if framework == "hf" else "chunked")
     try:
-        _, engine = make_engine(ctx, spec, model)
+        policy, engine = make_engine(ctx, spec, model)
         vocab = model.config.vocab_size
         engine.generate(workload.prompts(0, 1, min(prompt, 4096), vocab), 2)  # kernels warm, not the cell's shape
         ids = workload.prompts(0, 1, prompt, vocab)
         t0 = time.perf_counter()
         times = engine.generate(ids, 2)
-        return {"spec": spec.to_dict(), "ttft_s": times[0] - t0}
+        res = {"spec": spec.to_dict(), "ttft_s": times[0] - t0}
+        if framework == "h2o":
+            res["h2o"] = {k: v for k, v in policy.metrics().items() if k.endswith(("_kernel", "_attention"))}
+        return res
     finally:
         ctx.free()
 
@@ -397,7 +420,9 @@ def overhead_child(tiny: bool, batch: int, t0: float) -> None:
 MEASURE = {"rates": lambda c, p: run_rates(c), "decode": lambda c, p: run_decode(c, **p),
            "correct_tiny": lambda c, p: run_correct(c, "tiny-llama-3.1", "float32", 3, 40, 12 if c.dev.type == "cuda" else 6),
            "correct_model": lambda c, p: run_correct(c, c.S["model"], c.S["dtype"], 2, c.S["prompt"], 16 if c.dev.type == "cuda" else 4),
-           "ttft": lambda c, p: run_ttft(c, **p), "overhead": lambda c, p: run_overhead(c, **p)}
+           "ttft": lambda c, p: run_ttft(c, **p), "overhead": lambda c, p: run_overhead(c, **p),
+           "h2o_kernel_check": lambda c, p: gpu_engine_h2o.kernel_check(c),
+           "h2o_kernel_timing": lambda c, p: gpu_engine_h2o.kernel_timing(c)}
 
 
 def worker(out: Path, group: str, tiny: bool, deadline: float) -> None:
@@ -463,7 +488,9 @@ def orchestrate(out: Path, tiny: bool, budget_s: float, groups: list[str]) -> in
             break
         cmd = [sys.executable, __file__, "--worker", group, "--out", str(out), "--deadline", str(deadline)]
         cmd += ["--tiny"] if tiny else []
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # --tiny runs H2O's Triton kernels on the CPU under Triton's interpreter (read at import)
+        genv = dict(env, TRITON_INTERPRET="1") if tiny and group == "h2o" else env
+        proc = subprocess.Popen(cmd, env=genv, start_new_session=True)
         try:
             rc = proc.wait(timeout=max(1.0, deadline - time.time() + 5))
             why = f"worker exited {rc}" if rc else ""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gpu_engine_h2o
+
 CV_MAX = 0.05
 
 
@@ -64,7 +66,7 @@ def summarize(out: Path, tiny: bool) -> dict:
         if h:
             frac = h["bookkeeping_ms"] / h["step_ms"]
             target(f"h2o graph bs{b}: bookkeeping <= 15% of step", frac, 0.15, frac <= 0.15,
-                   f"{h['bookkeeping_ms']:.3f} of {h['step_ms']:.2f} ms")
+                   f"{h['bookkeeping_ms']:.3f} of {h['step_ms']:.2f} ms" + (f" ({h['bookkeeping_kind']})" if h.get("bookkeeping_kind") else ""))
         else:
             target(f"h2o graph bs{b}", None, None, None, _why(rows, f"h2o/graph/bs{b}"))
     for b in (1, 8, 32) if not tiny else (1, 4):
@@ -102,6 +104,7 @@ def summarize(out: Path, tiny: bool) -> dict:
             x = res.get(f"hf/{other}/bs{b}")
             if g and x:
                 compare[f"hf {other} / graph bs{b}"] = x["step_ms"] / g["step_ms"]
+    gpu_engine_h2o.targets(res, target, compare, lambda name: _why(rows, name))
     return {"tiny": tiny, "rates": rates, "targets": targets, "comparisons": compare, "variants": list(rows.values()),
             "provenance": provenance.collect(0)}
 
@@ -133,6 +136,7 @@ def print_report(summary: dict) -> None:
         print(f"  [{mark}] {t['target']}: {v} (limit {t['limit']}) {t['note'][:200]}")
     for k, v in summary["comparisons"].items():
         print(f"  {k}: {v:.2f}x")
+    gpu_engine_h2o.print_timing(summary)
     p = summary.get("provenance") or {}
     print(f"  {p.get('gpu_name')} driver {p.get('driver')} torch {(p.get('versions') or {}).get('torch')} "
           f"transformers {(p.get('versions') or {}).get('transformers')} git {(p.get('git') or {}).get('commit')}")
