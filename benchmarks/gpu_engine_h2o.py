@@ -184,18 +184,20 @@ def kernel_timing(ctx) -> dict:
         for bs, prompt_len in ((1, 2048), (16, 2048), (64, 2048), (1, 32768)):  # the last: many slots, few programs
             row = {}
             kernels.FUSED_MAX_SLOTS = 10**9  # the fused step whatever kernels.fused_fits says: is its limit right?
-            for kernel in ("triton", "torch"):
-                layers = _decode_layers(torch, dev, kernel, bs, prompt_len=prompt_len)
-                qs = _tensors(torch, dev, torch.bfloat16, (bs, 32, 1, d), (bs, hkv, 1, d), (bs, hkv, 1, d), seed=99)
-                step = lambda: [_attend(layer, *qs, s) for layer in layers]  # noqa: E731
-                step()  # the first step appends; the slots are full from now on
-                row[f"{kernel}_step_ms"] = _graph_ms(torch, step)
-                if kernel == "torch":
-                    row["sdpa_over_slots_ms"] = _graph_ms(torch, lambda: [F.scaled_dot_product_attention(
-                        qs[0], layer.keys, layer.values, scale=s, enable_gqa=True) for layer in layers])
-                del layers
-                ctx.free()
-            kernels.FUSED_MAX_SLOTS = limit
+            try:
+                for kernel in ("triton", "torch"):
+                    layers = _decode_layers(torch, dev, kernel, bs, prompt_len=prompt_len)
+                    qs = _tensors(torch, dev, torch.bfloat16, (bs, 32, 1, d), (bs, hkv, 1, d), (bs, hkv, 1, d), seed=99)
+                    step = lambda: [_attend(layer, *qs, s) for layer in layers]  # noqa: E731
+                    step()  # the first step appends; the slots are full from now on
+                    row[f"{kernel}_step_ms"] = _graph_ms(torch, step)
+                    if kernel == "torch":
+                        row["sdpa_over_slots_ms"] = _graph_ms(torch, lambda: [F.scaled_dot_product_attention(
+                            qs[0], layer.keys, layer.values, scale=s, enable_gqa=True) for layer in layers])
+                    del layers
+                    ctx.free()
+            finally:
+                kernels.FUSED_MAX_SLOTS = limit
             row["slots"] = 2 * (prompt_len // 10) + 1
             row["fused_fits"] = kernels.fused_fits(bs, hkv, row["slots"])
             res["decode"][f"bs{bs}/prompt{prompt_len}"] = row
