@@ -38,6 +38,9 @@ IMAGE_EXT = {"local": None, "docker": "iid", "apptainer": "sif"}
 RUNNERS = tuple(IMAGE_EXT)
 SECRETS = ("HF_TOKEN",)  # passed by name only, never by value on a command line
 CELL_MODULE = ("-m", "frameworks.harness.run_cell")
+# Inductor's on-disk caches (compiled decode layers, frameworks/hf/compile.py), shared by the cells
+# of a run and kept between runs: a cell of a model and batch size compiled before loads its code
+INDUCTOR_CACHE = "cache/torchinductor"  # under results/ (mounted in containers)
 WORKDIR = "/work"  # the images' WORKDIR; results/ is mounted at /work/results
 GRACE_S = 300  # on top of the cell's own time limit: image start, model build, result write
 
@@ -169,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     python = args.python or sys.executable
     if args.python and not os.access(args.python, os.X_OK):
         raise SystemExit(f"kvstudy-launch: --python {args.python} is not an executable Python")
+    if args.runner == "local":  # this environment's own setting wins
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str((Path("results") / INDUCTOR_CACHE).resolve()))
     if args.runner == "local" and not args.gpus:  # CPU cell: nothing to claim, nothing to wrap
-        os.execv(python, [python, *CELL_MODULE, *cell_args])
+        os.execve(python, [python, *CELL_MODULE, *cell_args], env)
 
     claim = None
     gpu = None
@@ -195,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results_dir = Path("results")
         meta = {**git_env(), "KVSTUDY_IMAGE_ID": read_image_id(
-            args.image if args.runner == "docker" else str(Path(args.image).with_suffix(".iid")))}
+            args.image if args.runner == "docker" else str(Path(args.image).with_suffix(".iid"))),
+                "TORCHINDUCTOR_CACHE_DIR": f"{WORKDIR}/results/{INDUCTOR_CACHE}"}
         secrets = [k for k in SECRETS if env.get(k)]
         if args.runner == "docker":
             name = container_name(out, results_dir)
