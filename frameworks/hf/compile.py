@@ -73,7 +73,8 @@ class RegionalCompile:
             for name, child in block.named_children():
                 if "attn" in name or "attention" in type(child).__name__.lower() or not _own_module(child):
                     continue
-                child.forward = self._switch(child.forward, torch.compile(child.forward, dynamic=None))
+                if not getattr(child.forward, "_kvstudy_switch", False):  # a model shared by engines: wrapped once
+                    child.forward = self._switch(child.forward, torch.compile(child.forward, dynamic=None))
                 compiled_code.setdefault(type(child).__name__, name)
             family = sys.modules[type(block).__module__]
             rope = getattr(family, "apply_rotary_pos_emb", None)

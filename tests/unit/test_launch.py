@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from frameworks.harness.spec import CellSpec
 from tests.conftest import REPO
 from workflow.lib import launch
@@ -77,3 +79,24 @@ def test_local_cell_runs_in_the_python_it_is_given(tmp_path):
     p = subprocess.run([sys.executable, "-m", "workflow.lib.launch", "--runner", "local", "--python",
                         str(tmp_path / "nope"), "--", "--spec", "{}"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "is not an executable Python" in p.stderr
+
+
+def test_local_cell_gets_the_shared_inductor_cache(monkeypatch, tmp_path):
+    """Compiled decode layers (compile=layers) are cached where every cell of the run finds them:
+    results/cache/torchinductor, unless the environment names its own cache."""
+    seen = {}
+
+    def execve(path, argv, env):  # the CPU cell's exec: stop here
+        seen.update(env=env, argv=argv)
+        raise SystemExit(0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launch.os, "execve", execve)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with pytest.raises(SystemExit):
+        launch.main(["--runner", "local", "--", "--spec", "{}", "--out", "x.json"])
+    assert seen["env"]["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "results" / launch.INDUCTOR_CACHE)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    with pytest.raises(SystemExit):
+        launch.main(["--runner", "local", "--", "--spec", "{}", "--out", "x.json"])
+    assert seen["env"]["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
