@@ -93,9 +93,11 @@ def test_local_cell_gets_the_shared_inductor_cache(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(launch.os, "execve", execve)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     with pytest.raises(SystemExit):
         launch.main(["--runner", "local", "--", "--spec", "{}", "--out", "x.json"])
     assert seen["env"]["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "results" / launch.INDUCTOR_CACHE)
+    assert seen["env"]["TRITON_CACHE_DIR"] == str(tmp_path / "results" / launch.TRITON_CACHE)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     with pytest.raises(SystemExit):
         launch.main(["--runner", "local", "--", "--spec", "{}", "--out", "x.json"])

@@ -38,9 +38,11 @@ IMAGE_EXT = {"local": None, "docker": "iid", "apptainer": "sif"}
 RUNNERS = tuple(IMAGE_EXT)
 SECRETS = ("HF_TOKEN",)  # passed by name only, never by value on a command line
 CELL_MODULE = ("-m", "frameworks.harness.run_cell")
-# Inductor's on-disk caches (compiled decode layers, frameworks/hf/compile.py), shared by the cells
-# of a run and kept between runs: a cell of a model and batch size compiled before loads its code
-INDUCTOR_CACHE = "cache/torchinductor"  # under results/ (mounted in containers)
+# Inductor's and Triton's on-disk caches (compiled decode layers, frameworks/hf/compile.py; InfiniGen's
+# gather kernel), shared by the cells of a run and kept between runs: a cell of a model and batch size
+# compiled before loads the code. Under results/ (mounted in containers, whose HOME is a temp dir)
+INDUCTOR_CACHE = "cache/torchinductor"
+TRITON_CACHE = "cache/triton"
 WORKDIR = "/work"  # the images' WORKDIR; results/ is mounted at /work/results
 GRACE_S = 300  # on top of the cell's own time limit: image start, model build, result write
 
@@ -172,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     python = args.python or sys.executable
     if args.python and not os.access(args.python, os.X_OK):
         raise SystemExit(f"kvstudy-launch: --python {args.python} is not an executable Python")
-    if args.runner == "local":  # this environment's own setting wins
+    if args.runner == "local":  # this environment's own settings win
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", str((Path("results") / INDUCTOR_CACHE).resolve()))
+        env.setdefault("TRITON_CACHE_DIR", str((Path("results") / TRITON_CACHE).resolve()))
     if args.runner == "local" and not args.gpus:  # CPU cell: nothing to claim, nothing to wrap
         os.execve(python, [python, *CELL_MODULE, *cell_args], env)
 
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = Path("results")
         meta = {**git_env(), "KVSTUDY_IMAGE_ID": read_image_id(
             args.image if args.runner == "docker" else str(Path(args.image).with_suffix(".iid"))),
-                "TORCHINDUCTOR_CACHE_DIR": f"{WORKDIR}/results/{INDUCTOR_CACHE}"}
+                "TORCHINDUCTOR_CACHE_DIR": f"{WORKDIR}/results/{INDUCTOR_CACHE}",
+                "TRITON_CACHE_DIR": f"{WORKDIR}/results/{TRITON_CACHE}"}
         secrets = [k for k in SECRETS if env.get(k)]
         if args.runner == "docker":
             name = container_name(out, results_dir)
