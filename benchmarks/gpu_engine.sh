@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine benchmark on the GPU machine (< 9 min a call): output and console log under $OUT/engine/.
-# The whole plan takes ~15 min: several calls on one $OUT, e.g. --groups engine, then
-# --groups infinigen,overhead,ttft, then --groups compile,ttft128k (each runs what is not recorded yet).
+# The whole plan takes ~16 min: several calls on one $OUT (each runs what is not recorded yet), e.g.
+#   --groups engine;  --groups h2o,ttft,ttft128k,infinigen;  --groups overhead,h2otorch,compile
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p "${OUT:?set OUT}/engine"
