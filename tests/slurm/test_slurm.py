@@ -12,6 +12,7 @@ KVSTUDY_REQUIRE_SLURM=1.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -44,8 +45,8 @@ CONFIG = ["--config", "preset=slurm-test", "runner=local"]
 # states: MinJobAge keeps finished jobs an hour); the plugin's first status check after 5 s, not 40
 SITE = ["--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-keep-successful-logs", "--slurm-init-seconds-before-status-checks", "5",
         "--default-resources", "slurm_partition=gpu", "mem_mb=2000", "runtime=90"]
-PROFILE_SET = ["table:slurm_partition=cpu", "table:mem_mb=2000", "table:runtime=10",
-               "figure:slurm_partition=cpu", "figure:mem_mb=2000", "figure:runtime=10"]
+CPU_RULES = ("table", "figure", "claims", "decision_guide", "report")  # profiles/slurm: the cpu partition
+PROFILE_SET = [f"{r}:{k}" for r in CPU_RULES for k in ("slurm_partition=cpu", "mem_mb=2000", "runtime=10")]
 ADDRESS_SPACE_B = 16 * 2**30  # every job's limit (sbatch propagates it): the OOM cell fails fast on any machine
 KV = "results/cells/kv_budget"
 RATE = "results/cells/request_rate/hf/tiny-llama-3.1"
@@ -181,7 +182,10 @@ def test_slurm_run_failure_paths_and_rerun(cluster, repo):
                         env={**os.environ, "PYTHONPATH": str(repo)})
     assert st.returncode == 0, st.stderr
     for path in (CANCELLED, TIMED_OUT):
-        assert f"failed       {path}" in st.stdout and f"run:   snakemake --cores all --config preset=slurm-test runner=local {path}" in st.stdout
+        # the command to paste: its target before --config (which takes every word after it)
+        assert f"failed       {path}" in st.stdout, st.stdout
+        assert re.search(rf"^ +run: +\S*snakemake --cores all {re.escape(path)} --config preset=slurm-test runner=local$",
+                         st.stdout, re.M), st.stdout
     assert "cells: 2 failed, 3 ok, 1 oom" in st.stdout, st.stdout
 
     # 3) the next run redoes only those two, and their table and figure; meanwhile the same
@@ -197,13 +201,18 @@ def test_slurm_run_failure_paths_and_rerun(cluster, repo):
     out = finish(proc)
     assert proc.returncode == 0, out[-3000:]
     now = mtimes(repo, KV) | mtimes(repo, "results/figures") | mtimes(repo, "results/tables")
+    # the decision guide (and claims, report) read every table: made now that request_rate's exists
     assert {k for k in now if now[k] != kept.get(k)} == {"results/tables/request_rate.csv",
-                                                         "results/figures/latency_vs_rate.pdf", "results/figures/latency_vs_rate.png"}
+                                                         "results/figures/latency_vs_rate.pdf", "results/figures/latency_vs_rate.png",
+                                                         "results/figures/decision_guide.pdf", "results/figures/decision_guide.png"}
     new = {c: [j for j in js if j["id"] not in before] for c, js in jobs_by_cell(cluster).items()}
     new = {c: js for c, js in new.items() if js}
     assert sorted(new) == sorted([comment(CANCELLED), comment(TIMED_OUT), "rule_table_wildcards_request_rate",
-                                  "rule_figure_wildcards_latency_vs_rate"]), new
+                                  "rule_figure_wildcards_latency_vs_rate", "rule_claims", "rule_decision_guide",
+                                  "rule_report"]), new
     assert all(j["state"] == "COMPLETED" for js in new.values() for j in js), new
+    assert {j["partition"] for c, js in new.items() if not c.startswith("rule_run_cell") for j in js} == {"cpu"}, new
+    assert (repo / "results/report/index.html").is_file() and (repo / "results/claims.csv").is_file()
     assert new[comment(TIMED_OUT)][0]["timelimit"] == "10"
     for path in (CANCELLED, TIMED_OUT):
         assert result.load(repo / path)["status"] == "ok"
