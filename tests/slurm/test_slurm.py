@@ -4,8 +4,8 @@ timed-out jobs leave no result and are redone by the next run (and only they), a
 cell is a result, and a GPU cell is submitted with a GPU. Most of its time is idle (two
 request-rate cells wait ~100 s for their second arrival) or job start-up (~25 s per job here).
 
-Runs with KVSTUDY_TEST_SLURM=1 (make test-slurm, the CI job .ci/run slurm: 11.7 minutes measured on
-2 cores that other work kept at load 15-27; `make test` does not wait for it). Without the SLURM programs it is skipped, unless
+Runs with KVSTUDY_TEST_SLURM=1 (make test-slurm, the CI job .ci/run slurm: 8.7 minutes for `.ci/run slurm`
+on a fresh machine, 2 cores shared with other tests, 2026-12-02; 11.7 at load 15-27; `make test` does not wait for it). Without the SLURM programs it is skipped, unless
 KVSTUDY_REQUIRE_SLURM=1.
 """
 
