@@ -36,7 +36,7 @@ test-vllm-image: $(VENV)/.installed
 	KVSTUDY_REQUIRE_DOCKER=1 KVSTUDY_TEST_VLLM_IMAGE=1 $(BIN)/pytest tests/docker/test_vllm_image.py
 
 # separate CI job: the pipeline through SLURM on a one-node cluster the test starts on localhost
-# (tests/slurm; needs slurmctld slurmd slurm-client munge; 12 min on 2 cores shared with other work)
+# (tests/slurm; needs slurmctld slurmd slurm-client munge; 9-12 min on 2 cores shared with other work)
 test-slurm: $(VENV)/.installed
 	KVSTUDY_TEST_SLURM=1 KVSTUDY_REQUIRE_SLURM=1 $(BIN)/pytest tests/slurm
 

@@ -1,6 +1,7 @@
 """GPU benchmark of the transformers engine (issue 12): decode against the HBM floor, on one H200.
 
-    python benchmarks/gpu_engine.py --out DIR [--tiny] [--time-budget-s S]   (or benchmarks/gpu_engine.sh)
+    python benchmarks/gpu_engine.py --out DIR [--tiny] [--time-budget-s S] [--groups engine,overhead,...]
+    (or benchmarks/gpu_engine.sh; a second call with the same DIR runs only what is not recorded yet)
 
 Llama-3.1-8B architecture, random bf16, prompt 2048 + 256 generated. Measured in the same run:
 the HBM copy rate (device-to-device copy, bytes read + written / time) and the pinned PCIe rate
@@ -12,17 +13,29 @@ variants only, recorded as errors); every variant's result is appended to DIR/va
 soon as it is measured, and a variant's exception is recorded and the next one runs:
   engine     correctness on a tiny fp32 model on the GPU (graph == eager: logits within rtol/atol
              1e-4, same greedy tokens; hf and h2o, batch 3, the capture really on), then the 8B model:
-             hf graph at batch 1/16/64 (3 repetitions: CV), h2o graph at budget 0.2 (chunked
+             hf graph at batch 1/16/64 (3 repetitions: CV; the engine's default compile, `layers`
+             on CUDA: regional torch.compile, frameworks/hf/compile.py), the same with compile none,
+             h2o graph at budget 0.2 (chunked
              prefill) at 1/16/64 with its bookkeeping (score update + eviction choice of every layer,
              captured alone and timed), graph vs eager on the 8B model (bf16: report), hf eager,
-             hf graph with the matmul decode kernel instead of SDPA
+             hf graph with the matmul decode kernel instead of SDPA (h2o's bookkeeping with its
+             fused step on CUDA: the fused steps minus SDPA over the same slots)
+  h2o        H2O's Triton kernels (benchmarks/gpu_engine_h2o.py): checked against the torch path on
+             the GPU (a few shapes: GQA, MHA, later chunks, ragged blocks), and timed (a 32K prompt's
+             prefill chunk: score kernel tiles vs flash; a 32-layer decode step: fused vs torch path)
+  ttft       h2o chunked prefill (its Triton score kernel on CUDA) vs hf flash prefill at 32K
+  ttft128k   the same at 131 064 tokens
   infinigen  budget 0.2 at batch 1/8/32, with and without fetch (its decode is eager)
-  overhead   a fresh process: imports + 8B build + warm-up batch with the capture (bs 16)
-  ttft       h2o chunked prefill vs hf flash prefill at 32K
+  overhead   a fresh process: imports + 8B build + warm-up batch with the capture (bs 16), with
+             compile layers on an empty Inductor cache (cold: the first cell of a run), again on
+             that cache (warm: every later cell of the model and batch), and with compile none
+  h2otorch   h2o graph at budget 0.2 with the torch path instead of the Triton kernels, batch 1/16/64
   compile    hf with torch.compile(mode="reduce-overhead") instead of one CUDA graph, batch 1/16/64
-  ttft128k   the same at 131 064 tokens, if time is left
+The default 490 s usually ends before h2otorch / compile: `--only h2otorch,compile` runs them in a call of their own.
 Prints every target against its value; writes DIR/summary.json (targets, variants, rates,
 provenance). A time guard skips (and records) what would not fit. --tiny: tiny model on the CPU.
+A CUDA error can leave the worker's context unusable: after a failed variant on CUDA the worker
+exits and a fresh one continues the group (variants already recorded are not rerun).
 """
 
 from __future__ import annotations
@@ -40,9 +53,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gpu_engine_h2o  # noqa: E402  (H2O's kernels: check, timing, fused bookkeeping)
 from gpu_engine_report import print_report, summarize  # noqa: E402  (the targets: a file of their own)
 
-GROUPS = ("engine", "infinigen", "overhead", "ttft", "compile", "ttft128k")
+GROUPS = ("engine", "h2o", "ttft", "ttft128k", "infinigen", "overhead", "h2otorch", "compile")
 CV_MAX = 0.05
 
 
@@ -64,8 +78,18 @@ def plan(tiny: bool) -> list[dict]:
 
     add("engine", "rates", "rates", 5)
     add("engine", "correct/tiny", "correct_tiny", 20)
-    for b in S["hf_batches"]:
-        add("engine", f"hf/graph/bs{b}", "decode", 8 + 0.3 * b, framework="hf", batch=b, decode="graph", reps=S["reps"])
+    # the other compile mode than the device's default (CUDA: layers, CPU: none)
+    add("engine", "correct/tiny-layers" if tiny else "correct/tiny-nocompile", "correct_tiny", 30,
+        compile="layers" if tiny else "none")
+    for i, b in enumerate(S["hf_batches"]):  # the first one compiles (cold cache: ~10 s more)
+        add("engine", f"hf/graph/bs{b}", "decode", (20 if i == 0 else 10) + 0.3 * b, framework="hf", batch=b,
+            decode="graph", reps=S["reps"])
+    for b in S["hf_batches"]:  # the engine before regional compilation (the default on the CPU)
+        add("engine", f"hf/graph-nocompile/bs{b}", "decode", 8 + 0.3 * b, framework="hf", batch=b, decode="graph",
+            reps=S["reps"], compile="none")
+    if tiny:  # on the CPU the default is none: run the compiled path too (Inductor's C++ backend)
+        add("engine", "hf/graph-layers/bs1", "decode", 1.0, framework="hf", batch=1, decode="graph", reps=S["reps"],
+            compile="layers")
     for b in S["hf_batches"]:
         add("engine", f"h2o/graph/bs{b}", "decode", 8 + 0.3 * b, framework="h2o", batch=b, decode="graph",
             reps=S["reps"], kv_budget=0.2)
@@ -81,7 +105,17 @@ def plan(tiny: bool) -> list[dict]:
         for fetch in (True, False):
             add("infinigen", f"infinigen/{'fetch' if fetch else 'nofetch'}/bs{b}", "decode", 12 + 0.3 * b,
                 framework="infinigen", batch=b, decode="eager", reps=1, gen=S["gen"] // 4, kv_budget=0.2, fetch=fetch)
-    add("overhead", "overhead/hf-graph/bs16", "overhead", 35, batch=4 if tiny else 16)
+    ob = 4 if tiny else 16
+    # compile layers (the CUDA default) explicitly: the tiny CPU run exercises it too
+    add("overhead", f"overhead/hf-graph/bs{ob}", "overhead", 45, batch=ob, cache="fresh", compile="layers")  # cold cache
+    add("overhead", f"overhead/hf-graph-warm/bs{ob}", "overhead", 35, batch=ob, cache="reuse", compile="layers")
+    add("overhead", f"overhead/hf-graph-nocompile/bs{ob}", "overhead", 35, batch=ob, compile="none")
+    add("h2o", "h2o/kernel-check", "h2o_kernel_check", 30)
+    if not tiny:
+        add("h2o", "h2o/kernel-timing", "h2o_kernel_timing", 45)
+    for b in S["hf_batches"]:
+        add("h2otorch", f"h2o/graph-torch/bs{b}", "decode", 8 + 0.3 * b, framework="h2o", batch=b, decode="graph",
+            reps=2, kv_budget=0.2, h2o_kernel="torch")
     add("ttft", "ttft/hf-flash", "ttft", 10, framework="hf", prompt=S["ttft"])
     add("ttft", "ttft/h2o-chunked", "ttft", 25, framework="h2o", prompt=S["ttft"])
     if not tiny:  # torch.compile needs CUDA here (the CPU path has no capture)
@@ -89,7 +123,7 @@ def plan(tiny: bool) -> list[dict]:
             add("compile", f"hf/compile/bs{b}", "decode", 70, framework="hf", batch=b, decode="graph", reps=2,
                 capture="compile")
     add("ttft128k", "ttft128k/hf-flash", "ttft", 20, framework="hf", prompt=S["ttft_long"])
-    add("ttft128k", "ttft128k/h2o-chunked", "ttft", 130, framework="h2o", prompt=S["ttft_long"])
+    add("ttft128k", "ttft128k/h2o-chunked", "ttft", 60, framework="h2o", prompt=S["ttft_long"])
     return v
 
 
@@ -124,7 +158,7 @@ class Ctx:
 
 
 def spec_of(ctx: Ctx, framework: str, batch: int, prompt: int, gen: int, decode: str, kv_budget: float = 1.0,
-            prefill: str | None = None):
+            prefill: str | None = None, compile: str | None = None):
     from frameworks.harness.spec import CellSpec
 
     S = ctx.S
@@ -133,7 +167,8 @@ def spec_of(ctx: Ctx, framework: str, batch: int, prompt: int, gen: int, decode:
         prefill = "sdpa" if framework == "hf" else "chunked"
     return CellSpec.from_dict(dict(experiment="gpu_engine", framework=framework, model=S["model"], batch_size=batch,
                                    prompt_len=prompt, gen_len=gen, kv_budget=kv_budget, prefill=prefill,
-                                   chunk_size=S["chunk"], decode=decode, device=S["device"], dtype=S["dtype"]))
+                                   chunk_size=S["chunk"], decode=decode, device=S["device"], dtype=S["dtype"],
+                                   compile=compile))
 
 
 def policy_cls(framework: str):
@@ -158,8 +193,11 @@ def make_engine(ctx: Ctx, spec, model, capture="cuda_graph", fetch=True):
         policy.fetch = fetch
     model.set_attn_implementation(policy.attn_implementation(spec.prefill))
     policy.prepare(model)
+    if spec.compile == "layers":  # a fresh Dynamo cache per variant, as in a cell's own process
+        __import__("torch")._dynamo.reset()
     return policy, Engine(model, policy, spec.device, spec.prefill, spec.chunk_size,
-                          max_len=spec.prompt_len + spec.gen_len, capture=capture)
+                          max_len=spec.prompt_len + spec.gen_len, capture=capture,
+                          compile=spec.compile if capture == "cuda_graph" else "none")
 
 
 def unhook(model) -> None:
@@ -171,17 +209,19 @@ def unhook(model) -> None:
 
 
 def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0, kernel="sdpa", capture="cuda_graph",
-               fetch=True) -> dict:
+               fetch=True, h2o_kernel=None, compile=None) -> dict:
     from frameworks.harness import workload
     from frameworks.hf import attention
 
     S, torch = ctx.S, ctx.torch
     gen = gen or S["gen"]
     model = ctx.get_model()
-    spec = spec_of(ctx, framework, batch, S["prompt"], gen, decode, kv_budget)
+    spec = spec_of(ctx, framework, batch, S["prompt"], gen, decode, kv_budget, compile=compile)
     attention.decode_kernel = kernel
     try:
         policy, engine = make_engine(ctx, spec, model, capture, fetch)
+        if h2o_kernel:  # before the first cache: its layers take the policy's choice
+            policy.score_kernel = policy.step_kernel = h2o_kernel
         prompts = workload.prompts(0, batch, S["prompt"], model.config.vocab_size)
         t0 = time.perf_counter()
         engine.generate(prompts, min(gen, 4))  # the runner's warm-up: same shapes, captures the step
@@ -210,7 +250,12 @@ def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0
             res[f"cv_{key}"] = statistics.pstdev(xs) / statistics.mean(xs) if len(xs) > 1 else None
         if framework == "h2o":
             res["h2o_slots"] = policy.heavy + policy.recent + 1
-            res["bookkeeping_ms"] = h2o_bookkeeping_ms(ctx, policy.cache)
+            res["h2o"] = {k: v for k, v in policy.metrics().items() if k.endswith(("_kernel", "_attention"))}
+            if policy.step_kernel == "triton" and ctx.dev.type == "cuda":
+                res["bookkeeping_ms"] = gpu_engine_h2o.fused_bookkeeping_ms(ctx, policy.cache)
+                res["bookkeeping_kind"] = "fused step - SDPA over the same slots, all layers"
+            else:
+                res["bookkeeping_ms"] = h2o_bookkeeping_ms(ctx, policy.cache)
         if framework == "infinigen":
             m = policy.metrics()
             res["fetched_bytes_per_step"] = m.get("fetched_bytes_per_step")
@@ -309,7 +354,7 @@ def _compare(a, b) -> dict:
             "token_agreement": tok, "within_tol_1e-4": bool(ok), "pass": bool(ok) and tok == 1.0}
 
 
-def run_correct(ctx: Ctx, model_name: str, dtype: str, batch: int, prompt: int, gen: int) -> dict:
+def run_correct(ctx: Ctx, model_name: str, dtype: str, batch: int, prompt: int, gen: int, compile: str | None = None) -> dict:
     """graph == eager on this device (the capture is on where there is CUDA), hf and h2o."""
     from frameworks import models
     from frameworks.harness import workload
@@ -324,7 +369,7 @@ def run_correct(ctx: Ctx, model_name: str, dtype: str, batch: int, prompt: int, 
             spec = CellSpec.from_dict(dict(experiment="gpu_engine", framework=fw, model=model_name, batch_size=batch,
                                            prompt_len=prompt, gen_len=gen, prefill="sdpa" if fw == "hf" else "chunked",
                                            chunk_size=ctx.S["chunk"], decode=decode, device=ctx.S["device"], dtype=dtype,
-                                           **kw))
+                                           compile=compile if decode == "graph" else None, **kw))
             _, e = make_engine(ctx, spec, model)
             e.collect_logits = True
             prompts = workload.prompts(1, batch, prompt, model.config.vocab_size)
@@ -333,6 +378,8 @@ def run_correct(ctx: Ctx, model_name: str, dtype: str, batch: int, prompt: int, 
             engines[decode] = e
         stats = engines["graph"].graph_stats()
         out[fw] = {**_compare(engines["graph"], engines["eager"]), "graph": stats}
+        if stats.get("decode_compile") == "layers":  # the compiled regions really ran
+            out[fw]["pass"] = out[fw]["pass"] and stats["compiled_graphs"] >= 1
         # on CUDA the graph path must really have been captured and replayed
         out[fw]["pass"] = out[fw]["pass"] and (ctx.dev.type != "cuda" or stats["decode_graphs"] >= 1)
         unhook(model)
@@ -345,64 +392,105 @@ def run_ttft(ctx: Ctx, framework: str, prompt: int) -> dict:
     model = ctx.get_model()
     spec = spec_of(ctx, framework, 1, prompt, 2, "graph", prefill="flash" if framework == "hf" else "chunked")
     try:
-        _, engine = make_engine(ctx, spec, model)
+        policy, engine = make_engine(ctx, spec, model)
         vocab = model.config.vocab_size
         engine.generate(workload.prompts(0, 1, min(prompt, 4096), vocab), 2)  # kernels warm, not the cell's shape
         ids = workload.prompts(0, 1, prompt, vocab)
         t0 = time.perf_counter()
         times = engine.generate(ids, 2)
-        return {"spec": spec.to_dict(), "ttft_s": times[0] - t0}
+        res = {"spec": spec.to_dict(), "ttft_s": times[0] - t0}
+        if framework == "h2o":
+            res["h2o"] = {k: v for k, v in policy.metrics().items() if k.endswith(("_kernel", "_attention"))}
+        return res
     finally:
         ctx.free()
 
 
-def run_overhead(ctx: Ctx, batch: int) -> dict:
-    """A fresh process, as a cell: interpreter start, imports, model build, warm-up batch (capture)."""
+def run_overhead(ctx: Ctx, batch: int, cache: str = "fresh", compile: str | None = None) -> dict:
+    """A fresh process, as a cell: interpreter start, imports, model build, warm-up batch (compile
+    and capture). cache: "fresh" an empty Inductor cache (the first cell of a run), "reuse" the
+    cache the last "fresh" one filled (a later cell of the same model and batch)."""
     t0 = time.time()
+    cache_dir = ctx.out / "inductor-cache"
+    if cache == "fresh":
+        import shutil
+
+        shutil.rmtree(cache_dir, ignore_errors=True)
     cmd = [sys.executable, __file__, "--overhead-child", "--batch", str(batch), "--t0", repr(t0)] + (["--tiny"] if ctx.tiny else [])
+    cmd += ["--compile", compile] if compile else []
+    # the cell's environment: the launcher's Inductor cache variable, and not the benchmark workers'
+    # allocator setting (expandable segments map a model's 16 GB in small pieces: slower to build)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir.resolve()))
+    cell_alloc = os.environ.get("KVSTUDY_CELL_ALLOC_CONF")
+    if cell_alloc is not None:
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        if cell_alloc:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = cell_alloc
     # the parent holds the model: give the child the GPU memory it needs
     ctx.model = None
     ctx.free()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     if p.returncode:
         raise RuntimeError(f"overhead child exited {p.returncode}: {p.stderr[-2000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res.update(inductor_cache=cache, inductor_cache_dir=str(cache_dir), alloc_conf=env.get("PYTORCH_CUDA_ALLOC_CONF"))
+    return res
 
 
-def overhead_child(tiny: bool, batch: int, t0: float) -> None:
+def overhead_child(tiny: bool, batch: int, t0: float, compile: str | None) -> None:
     t_imp = time.time()
-    import torch  # noqa: F401
+    import torch
 
     from frameworks import models
     from frameworks.harness import workload
+    from frameworks.harness.spec import CellSpec
     from frameworks.hf.engine import Engine
     from frameworks.hf.policy import KVPolicy
 
-    t_built0 = time.time()
+    t_init0 = time.time()
     ctx_s = settings(tiny)
-    spec = type("S", (), {"decode": "graph"})()
+    if ctx_s["device"] == "cuda":  # the CUDA context on its own: the rest of "build" is the model's
+        torch.empty(1, device="cuda")
+        torch.cuda.synchronize()
+    t_code0 = time.time()
+    import importlib
+
+    family = models.config_dict(ctx_s["model"])["model_type"]  # transformers imports the model's code at build
+    importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    t_built0 = time.time()
+    spec = CellSpec.from_dict(dict(experiment="gpu_engine", framework="hf", model=ctx_s["model"], batch_size=batch,
+                                   prompt_len=ctx_s["prompt"], gen_len=ctx_s["gen"], device=ctx_s["device"],
+                                   dtype=ctx_s["dtype"], compile=compile))
     policy = KVPolicy(spec)
     model = models.build(ctx_s["model"], "random", ctx_s["device"], ctx_s["dtype"], policy.attn_implementation("sdpa"), 0)
     if ctx_s["device"] == "cuda":
         torch.cuda.synchronize()
     t_built = time.time()
-    engine = Engine(model, policy, ctx_s["device"], "sdpa", ctx_s["chunk"], max_len=ctx_s["prompt"] + ctx_s["gen"])
+    engine = Engine(model, policy, ctx_s["device"], "sdpa", ctx_s["chunk"], max_len=ctx_s["prompt"] + ctx_s["gen"],
+                    compile=spec.compile)
     engine.generate(workload.prompts(0, batch, ctx_s["prompt"], model.config.vocab_size), 4)
     t_ready = time.time()
-    print(json.dumps({"start_to_main_s": t_imp - t0, "imports_s": t_built0 - t_imp, "build_s": t_built - t_built0,
-                      "warmup_with_capture_s": t_ready - t_built, "graph": engine.graph_stats(),
-                      "total_s": t_ready - t0}))
+    print(json.dumps({"start_to_main_s": t_imp - t0, "imports_s": t_init0 - t_imp, "cuda_init_s": t_code0 - t_init0,
+                      "model_code_import_s": t_built0 - t_code0,
+                      "build_s": t_built - t_built0, "warmup_with_capture_s": t_ready - t_built, "compile": spec.compile,
+                      "graph": engine.graph_stats(), "total_s": t_ready - t0}))
 
 
 MEASURE = {"rates": lambda c, p: run_rates(c), "decode": lambda c, p: run_decode(c, **p),
-           "correct_tiny": lambda c, p: run_correct(c, "tiny-llama-3.1", "float32", 3, 40, 12 if c.dev.type == "cuda" else 6),
+           "correct_tiny": lambda c, p: run_correct(c, "tiny-llama-3.1", "float32", 3, 40, 12 if c.dev.type == "cuda" else 6, **p),
            "correct_model": lambda c, p: run_correct(c, c.S["model"], c.S["dtype"], 2, c.S["prompt"], 16 if c.dev.type == "cuda" else 4),
-           "ttft": lambda c, p: run_ttft(c, **p), "overhead": lambda c, p: run_overhead(c, **p)}
+           "ttft": lambda c, p: run_ttft(c, **p), "overhead": lambda c, p: run_overhead(c, **p),
+           "h2o_kernel_check": lambda c, p: gpu_engine_h2o.kernel_check(c),
+           "h2o_kernel_timing": lambda c, p: gpu_engine_h2o.kernel_timing(c)}
 
 
-def worker(out: Path, group: str, tiny: bool, deadline: float) -> None:
+RESTART_RC = 75  # a worker's exit code: "my CUDA context may be broken, start a fresh worker for the rest"
+CUDA_BROKEN = ("cuda", "capture", "accelerator", "illegal memory", "cublas", "triton")
+
+
+def worker(out: Path, group: str, tiny: bool, deadline: float) -> int:
     ctx = Ctx(out, tiny)
-    done = {json.loads(line)["name"] for line in _lines(out)}
+    done = _done(out)
     for v in plan(tiny):
         if v["group"] != group or v["name"] in done:
             continue
@@ -426,7 +514,15 @@ def worker(out: Path, group: str, tiny: bool, deadline: float) -> None:
         _append(out, row)
         (out / "inflight").unlink(missing_ok=True)
         print(f"[gpu_engine] {v['name']}: {row['status']} {row['message'][:200]} ({row['wall_s']:.1f} s)", flush=True)
+        if row["status"] == "error" and ctx.dev.type == "cuda" and any(w in row["message"].lower() for w in CUDA_BROKEN):
+            return RESTART_RC  # the next variants get a fresh process (and CUDA context)
         ctx.free()
+    return 0
+
+
+def _done(out: Path) -> set[str]:
+    """Variants recorded by this or an earlier call on the same folder (a skipped one is not done)."""
+    return {r["name"] for r in map(json.loads, _lines(out)) if r["status"] != "skipped"}
 
 
 def _lines(out: Path) -> list[str]:
@@ -457,25 +553,35 @@ def orchestrate(out: Path, tiny: bool, budget_s: float, groups: list[str]) -> in
     deadline = t_start + budget_s
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan(tiny), indent=1))
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+               KVSTUDY_CELL_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))  # what a cell would get
     for group in [g for g in GROUPS if g in groups]:
-        if time.time() >= deadline:
-            break
-        cmd = [sys.executable, __file__, "--worker", group, "--out", str(out), "--deadline", str(deadline)]
-        cmd += ["--tiny"] if tiny else []
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=max(1.0, deadline - time.time() + 5))
-            why = f"worker exited {rc}" if rc else ""
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            why = "killed at the time budget"
-        inflight = out / "inflight"
-        if inflight.exists():
-            _append(out, {"name": inflight.read_text(), "group": group, "status": "error", "message": why})
-            inflight.unlink()
-    done = {json.loads(x)["name"] for x in _lines(out)}
+        for _attempt in range(4):  # a worker that crashed or asked for a restart: a fresh one goes on
+            if time.time() >= deadline:
+                break
+            cmd = [sys.executable, __file__, "--worker", group, "--out", str(out), "--deadline", str(deadline)]
+            cmd += ["--tiny"] if tiny else []
+            # --tiny runs H2O's Triton kernels on the CPU under Triton's interpreter (read at import)
+            genv = dict(env, TRITON_INTERPRET="1") if tiny and group == "h2o" else env
+            proc = subprocess.Popen(cmd, env=genv, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=max(1.0, deadline - time.time() + 5))
+                why = f"worker exited {rc}" if rc else ""
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                rc, why = None, "killed at the time budget"
+            inflight = out / "inflight"
+            if inflight.exists():
+                # killed at the budget: skipped (a later call on this folder retries it); a crash: an error
+                _append(out, {"name": inflight.read_text(), "group": group, "status": "skipped" if rc is None else "error",
+                              "message": why})
+                inflight.unlink()
+            done = _done(out)
+            if rc in (0, None) or all(v["name"] in done for v in plan(tiny) if v["group"] == group):
+                break
+            print(f"[gpu_engine] {group}: {why}; a fresh worker continues the group", flush=True)
+    done = _done(out)
     for v in plan(tiny):
         if v["name"] not in done and v["group"] in groups:
             _append(out, {"name": v["name"], "group": v["group"], "status": "skipped", "message": "not reached (time or crash)"})
@@ -492,15 +598,17 @@ def main() -> int:
     ap.add_argument("--out", help="output folder")
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script (~3 min on 2 cores)")
     ap.add_argument("--time-budget-s", type=float, default=None, help="stop starting work after this (default 490; tiny 400)")
-    ap.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups to run (default all: {','.join(GROUPS)})")
+    ap.add_argument("--groups", "--only", dest="only", default=",".join(GROUPS),
+                    help=f"comma-separated groups to run (default all: {','.join(GROUPS)})")
     ap.add_argument("--worker", choices=GROUPS, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--overhead-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
     ap.add_argument("--t0", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--compile", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.overhead_child:
-        overhead_child(args.tiny, args.batch, args.t0)
+        overhead_child(args.tiny, args.batch, args.t0, args.compile)
         return 0
     if not args.out:
         ap.error("--out is required")
@@ -509,8 +617,7 @@ def main() -> int:
 
         torch.set_num_threads(2)
     if args.worker:
-        worker(Path(args.out), args.worker, args.tiny, args.deadline)
-        return 0
+        return worker(Path(args.out), args.worker, args.tiny, args.deadline)
     groups = [g for g in args.only.split(",") if g]
     bad = sorted(set(groups) - set(GROUPS))
     if bad:

@@ -1,26 +1,30 @@
-"""GPU verification of the InfiniGen policy (issue 4). One H100, about 7 minutes (--time-budget-s 520).
+"""InfiniGen's GPU checks that no pipeline cell expresses (issue 4): kernel probes, host syncs and
+the overlap ablation, on one GPU in about 5 minutes (--time-budget-s 400).
 
-    python benchmarks/gpu_infinigen.py --out DIR            # H100: Llama-3.1-8B architecture, random bf16
+    python benchmarks/gpu_infinigen.py --out DIR            # GPU: Llama-3.1-8B architecture, random bf16
     python benchmarks/gpu_infinigen.py --out DIR --tiny     # CPU, tiny model, < 1 min (checks the script)
 
-Sections, each cell run in-process through the harness (`run_engine_cell`, `result.build`), so
-metric definitions match the pipeline; an OOM is recorded as a cell with status "oom":
-  pcie     host<->device bandwidth from page-locked memory (as the KV store), the zero-copy
-           UVA gather of InfiniGen rows (index_select on the store's device alias, checked
-           against the CPU gather) and the CPU gather speed
+Sections:
+  pcie     probes: host<->device bandwidth from page-locked memory (as the KV store), the
+           zero-copy UVA gather of InfiniGen rows (index_select on the store's device alias,
+           checked against the CPU gather) and the CPU gather speed
   checks   tiny model: full budget + alpha=inf equals the hf full cache (fp32 logits, tokens),
            and decode steps under torch.cuda.set_sync_debug_mode("warn"): host syncs by file
-  batch    (a) prompt 2048, 128 generated, kv_budget 0.2, batch 1..32: infinigen vs hf full cache
-  overlap  (b) decode step with fetch (the Triton UVA gather on the side stream) vs without (the
-           same model and policy, nothing moved) and vs the copy-bound time fetched_bytes /
-           bandwidth: pass if step <= 1.2 x max(no-fetch, copy). The variants alternate over
-           rounds on one model (gpu_infinigen_ablation.interleaved): the step is host-bound and
-           the host's speed drifts, so separate back-to-back cells compared spells of the host.
-           Timed alongside: index_select (every row of the budget, padding included) and the
-           Triton gather with a program per block of rows instead of a small persistent grid.
-  prompt   (c) batch 1, growing prompts: `eager` until its first OOM, `flash` up to 128K
-Writes DIR/cells/*.json (cell results), DIR/pcie.json, DIR/summary.json (+ provenance) and
-prints a summary table last. A time guard skips (and records) what would not fit the budget.
+  overlap  ablation at batch 1/8/32 (prompt 2048, budget 0.2): decode step with fetch (the Triton
+           UVA gather on the side stream) vs without (the same model and policy, nothing moved)
+           and vs the copy-bound time fetched_bytes / bandwidth: pass if step <= 1.2 x
+           max(no-fetch, copy). The variants alternate over rounds on one model
+           (gpu_infinigen_ablation.interleaved): the step is host-bound and the host's speed
+           drifts, so separate back-to-back cells compared spells of the host. Timed alongside:
+           index_select (every row of the budget, padding included) and the Triton gather with a
+           program per block of rows instead of a small persistent grid.
+What it no longer measures, because the pipeline's cells do (`--config preset=paper` or `h200`;
+results/reference/h200-*/pipeline): InfiniGen vs hf throughput, TPOT, peak memory and bytes
+fetched vs batch (`batch`; fetched tokens and bytes are in each cell's `extra`), how far eager
+and flash prefill go before running out of memory (`ttft_prompt`). The H100 reference run of the
+former version is results/reference/h100-2026-11-28/infinigen-triton (at 724bc90).
+Writes DIR/pcie.json, DIR/checks.json, DIR/summary.json (+ provenance) and prints a summary
+table last. A time guard skips (and records) what would not fit the budget.
 """
 
 from __future__ import annotations
@@ -41,74 +45,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from frameworks import models  # noqa: E402
-from frameworks.harness import provenance, result  # noqa: E402
-from frameworks.harness.outcome import run_and_record  # noqa: E402
+from frameworks.harness import provenance  # noqa: E402
 from frameworks.harness.spec import CellSpec  # noqa: E402
 from frameworks.hf.policy import KVPolicy  # noqa: E402
-from frameworks.hf.runner import run_engine_cell  # noqa: E402
 from frameworks.infinigen.policy import InfiniGenPolicy  # noqa: E402
 from frameworks.infinigen.store import device_view  # noqa: E402
 from gpu_infinigen_ablation import interleaved  # noqa: E402
 
 
-POLICIES = {"infinigen": InfiniGenPolicy, "hf": KVPolicy}
-
-
 def plan(tiny: bool) -> dict:
     if tiny:
-        return dict(model="tiny-llama-3.1", device="cpu", dtype="float32", prompt=256, gen=16, batches=[1, 4],
-                    overlap_batches=[1], overlap_gen=8, overlap_rounds=2, eager=[256, 512], flash=[512, 2048], sweep_gen=4)
-    return dict(model="llama-3.1-8b", device="cuda", dtype="bfloat16", prompt=2048, gen=128, batches=[1, 4, 8, 16, 32],
-                overlap_batches=[1, 8, 32], overlap_gen=32, overlap_rounds=4, eager=[4096, 8192, 12288, 16384, 24576, 32768],
-                flash=[16384, 32768, 65536, 131072 - 8], sweep_gen=8)
+        return dict(model="tiny-llama-3.1", device="cpu", dtype="float32", prompt=256,
+                    overlap_batches=[1], overlap_gen=8, overlap_rounds=2)
+    return dict(model="llama-3.1-8b", device="cuda", dtype="bfloat16", prompt=2048,
+                overlap_batches=[1, 8, 32], overlap_gen=32, overlap_rounds=4)
 
 
 class Bench:
-    def __init__(self, out: Path, budget_s: float, tiny: bool, base: dict):
-        self.out, self.budget_s, self.tiny, self.base = out, budget_s, tiny, base
+    """The time budget and the summary rows of one run."""
+
+    def __init__(self, out: Path, budget_s: float, tiny: bool):
+        self.out, self.budget_s, self.tiny = out, budget_s, tiny
         self.t0 = time.perf_counter()
         self.rows: list[dict] = []
-        (out / "cells").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         self.prov = provenance.collect(0)
 
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.t0)
-
-    def cell(self, section: str, name: str, fw: str, est_s: float, **spec_kw) -> dict:
-        """Run one cell (or record why not); returns its summary row."""
-        policy_cls = POLICIES[fw]
-        framework = "hf" if fw == "hf" else "infinigen"
-        spec = CellSpec.from_dict(dict(experiment=f"gpu-{section}", framework=framework, **self.base, **spec_kw))
-        spec.validate(models.max_context(spec.model))
-        row = {"section": section, "name": name, "policy": fw, "batch": spec.batch_size, "prompt": spec.prompt_len,
-               "gen": spec.gen_len, "prefill": spec.prefill, "kv_budget": spec.kv_budget}
-        if est_s > self.left():
-            row.update(status="skipped", message=f"time guard: needs ~{est_s:.0f} s, {self.left():.0f} s left")
-            self.rows.append(row)
-            return row
-        t = time.perf_counter()
-        # classified and recorded as the pipeline's worker does (frameworks/harness/outcome.py)
-        rec = run_and_record(spec, lambda: run_engine_cell(spec, policy_cls), self.prov)
-        status, message = rec["status"], rec["message"]
-        rec["extra"]["bench_policy"] = fw
-        rec["extra"]["wall_s"] = time.perf_counter() - t
-        result.write_atomic(self.out / "cells" / f"{section}_{name}.json", rec)
-        row.update(status=status, message=message[:200], wall_s=round(time.perf_counter() - t, 1))
-        if status == "ok":
-            s, x = rec["summary"], rec["extra"]
-            row.update(out_tok_s=s["output_tok_s"], tpot_ms=s["tpot_ms"]["mean"] if s["tpot_ms"] else None,
-                       ttft_ms=s["ttft_ms"]["mean"], peak_gpu_mem_gb=s["peak_gpu_mem_gb"], kv_cache_bytes=s["kv_cache_bytes"],
-                       fetched_tokens_per_step=x.get("fetched_tokens_per_step"),
-                       fetched_tokens_per_seq_layer=x.get("fetched_tokens_per_seq_layer_speculated"),
-                       fetched_bytes_per_step=x.get("fetched_bytes_per_step"), h2d_gbps=x.get("h2d_bandwidth_gbps"),
-                       gather_ms_per_step=x.get("gather_ms_per_step"), gather_gbps=x.get("gather_bandwidth_gbps"),
-                       selected_bytes_per_step=x.get("selected_bytes_per_step"))
-        self.rows.append(row)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        print(f"[{time.perf_counter() - self.t0:6.0f}s] {section}/{name}: {status} {message[:120]}", flush=True)
-        return row
 
 
 def pcie(cuda: bool) -> dict:
@@ -315,15 +279,15 @@ def table(rows: list[dict], verdicts: list[dict]) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    head = f"{'section':8} {'policy':18} {'bs':>3} {'prompt':>7} {'prefill':7} {'status':8} {'tok/s':>8} {'TPOT ms':>8} " \
-           f"{'peakGB':>7} {'fetch tok/step':>14} {'fetch MB/step':>13} {'H2D GB/s':>8}"
+    head = f"{'section':8} {'policy':22} {'bs':>3} {'prompt':>7} {'status':8} {'tok/s':>8} {'TPOT ms':>8} " \
+           f"{'fetch tok/seq/layer':>19} {'fetch MB/step':>13} {'gather GB/s':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['section']:8} {r['policy']:18} {r['batch']:>3} {r['prompt']:>7} {r['prefill']:7} {r['status']:8} "
-                     f"{f(r.get('out_tok_s'), '8.1f')} {f(r.get('tpot_ms'), '8.2f')} {f(r.get('peak_gpu_mem_gb'), '7.2f')} "
-                     f"{f(r.get('fetched_tokens_per_step'), '14.0f')} "
+        lines.append(f"{r['section']:8} {r['policy']:22} {r['batch']:>3} {r['prompt']:>7} {r['status']:8} "
+                     f"{f(r.get('out_tok_s'), '8.1f')} {f(r.get('tpot_ms'), '8.2f')} "
+                     f"{f(r.get('fetched_tokens_per_seq_layer'), '19.1f')} "
                      f"{f(r['fetched_bytes_per_step'] / 1e6 if r.get('fetched_bytes_per_step') else None, '13.2f')} "
-                     f"{f(r.get('h2d_gbps'), '8.1f')}")
+                     f"{f(r.get('gather_gbps'), '11.1f')}")
     for v in verdicts:
         lines.append(f"overlap bs={v['batch']}: step {v['step_ms']:.2f} ms vs 1.2 x max(no-fetch {v['no_fetch_step_ms']:.2f}, "
                      f"copy {v['copy_bound_ms']:.2f}) -> {'PASS' if v['pass'] else 'FAIL'} (ratio {v['ratio']:.2f}; "
@@ -336,14 +300,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--tiny", action="store_true", help="CPU, tiny model: checks the script, numbers mean nothing")
-    ap.add_argument("--time-budget-s", type=float, default=None, help="default 380 (GPU), 55 (--tiny)")
+    ap.add_argument("--time-budget-s", type=float, default=None, help="default 400 (GPU), 55 (--tiny)")
     args = ap.parse_args(argv)
     p = plan(args.tiny)
     if p["device"] == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --tiny for the CPU check", file=sys.stderr)
         return 2
-    base = dict(model=p["model"], device=p["device"], dtype=p["dtype"], repetitions=1)
-    bench = Bench(args.out, args.time_budget_s or (55.0 if args.tiny else 380.0), args.tiny, base)
+    bench = Bench(args.out, args.time_budget_s or (55.0 if args.tiny else 400.0), args.tiny)
 
     bw = pcie(p["device"] == "cuda")
     (args.out / "pcie.json").write_text(json.dumps(bw, indent=1))
@@ -351,29 +314,7 @@ def main(argv=None) -> int:
     chk = checks(p["device"] == "cuda")
     (args.out / "checks.json").write_text(json.dumps(chk, indent=1))
     print(f"checks: {chk}", flush=True)
-
-    # (a) batch sweep; estimates are rough seconds on an H100 (model build included)
-    for b in p["batches"]:
-        for fw in ("infinigen", "hf"):
-            bench.cell("batch", f"{fw}_bs{b}", fw, est_s=8 + (1.2 * b if fw == "infinigen" else 0.3 * b),
-                       batch_size=b, prompt_len=p["prompt"], gen_len=p["gen"], prefill="flash",
-                       kv_budget=0.2 if fw == "infinigen" else 1.0)
-    # (b) overlap
     details = overlap(p, bench)
-    # (c) prompt sweep at batch 1: eager until the first OOM, then flash to 128K
-    oom = None
-    for n in p["eager"]:
-        if oom is not None:
-            bench.rows.append({"section": "prompt", "name": f"eager_{n}", "policy": "infinigen", "batch": 1, "prompt": n,
-                               "gen": p["sweep_gen"], "prefill": "eager", "kv_budget": 0.2, "status": "skipped",
-                               "message": f"eager already OOM at {oom} tokens"})
-            continue
-        r = bench.cell("prompt", f"eager_{n}", "infinigen", est_s=10 + n / 2000, batch_size=1, prompt_len=n,
-                       gen_len=p["sweep_gen"], prefill="eager", kv_budget=0.2, warmup=0)
-        oom = n if r["status"] == "oom" else None
-    for n in p["flash"]:
-        bench.cell("prompt", f"flash_{n}", "infinigen", est_s=10 + n / 3000, batch_size=1, prompt_len=n,
-                   gen_len=p["sweep_gen"], prefill="flash", kv_budget=0.2, warmup=0)
 
     verdicts = overlap_verdicts(details, bw.get("h2d_gbps"))
     summary = {"plan": p, "pcie": bw, "checks": chk, "rows": bench.rows, "overlap": verdicts, "overlap_details": details,

@@ -20,6 +20,9 @@ PRESET=${PRESET:-h200}
 DEADLINE_S=${DEADLINE_S:-480}
 OUT=${OUT:-benchmarks/out/reference}
 EXTRA_CONFIG=${EXTRA_CONFIG:-} # more --config keys, e.g. "gpu_memory_gb=off"
+# vLLM cells in this Python: on the H200 machine (torch 2.11, no network, no vLLM 0.32.0, which needs
+# torch 2.13) they are recorded `unsupported`, saying so; a host with a vLLM venv: VLLM_CONFIG=vllm_venv=<path>
+VLLM_CONFIG=${VLLM_CONFIG-vllm_venv=none}
 # first the cells of this target (the memory boundaries, what the cap is for); "" for Snakemake's order
 PRIORITIZE=${PRIORITIZE-results/tables/ttft_prompt.csv}
 case "$EXTRA_CONFIG" in *experiments=*) [[ "$EXTRA_CONFIG" == *ttft_prompt* ]] || PRIORITIZE="" ;; esac # not in the DAG
@@ -68,12 +71,12 @@ cells_before=$(find results/cells -name '*.json' 2>/dev/null | wc -l)
 # params and code) does not travel, so the mtime trigger is left out: a cell that exists is kept;
 # one missing (or interrupted: written only when complete) runs. Same commit in every call (run/call*.json).
 cmd=(python3 -m snakemake --cores all ${PRIORITIZE:+--prioritize "$PRIORITIZE"} --config "preset=$PRESET" runner=local
-     $EXTRA_CONFIG --rerun-triggers params input code software-env)
+     $VLLM_CONFIG $EXTRA_CONFIG --rerun-triggers params input code software-env)
 printf '%q ' "${cmd[@]}" > "$run/command.txt"; echo >> "$run/command.txt"
 echo "(through: OUT=$OUT PRESET=$PRESET DEADLINE_S=$DEADLINE_S EXTRA_CONFIG='$EXTRA_CONFIG' PRIORITIZE='$PRIORITIZE' bash benchmarks/gpu_reference.sh, at git $commit)" >> "$run/command.txt"
 # a lock left by a call killed past its grace (a warm machine keeps .snakemake/)
 if [ -n "$(ls -A .snakemake/locks 2>/dev/null)" ]; then
-    python3 -m snakemake --unlock --cores 1 --config "preset=$PRESET" runner=local $EXTRA_CONFIG >/dev/null 2>&1
+    python3 -m snakemake --unlock --cores 1 --config "preset=$PRESET" runner=local $VLLM_CONFIG $EXTRA_CONFIG >/dev/null 2>&1
 fi
 left=$(( DEADLINE_S - ($(date +%s) - t0) ))
 s0=$(date +%s)

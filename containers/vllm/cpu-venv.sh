@@ -27,5 +27,12 @@ echo "cpu-venv: installing $lock into $venv (~4 min)" >&2
 "$venv/bin/pip" install --quiet --no-deps --require-hashes --only-binary=:all: -r "$lock"
 "$venv/bin/python" -c 'from vllm import LLM' 2>/dev/null || {
     echo "cpu-venv: $venv installed but \`from vllm import LLM\` fails" >&2; exit 1; }
+# vLLM imports without its CPU kernels (vllm/_C) and fails only when a cell starts its worker;
+# they link libnuma.so.1 (Debian/Ubuntu: apt-get install libnuma1)
+if ! out="$("$venv/bin/python" -c 'import vllm._C' 2>&1)"; then
+    echo "cpu-venv: vLLM's CPU kernels do not load ($(tail -n 1 <<<"$out")); libnuma.so.1 comes with" \
+         "apt-get install libnuma1" >&2
+    exit 1
+fi
 echo "$want" > "$venv/.lock-sha256"
 touch "$venv/.installed"

@@ -13,10 +13,15 @@ the recent window is freed. Shapes never change once the slots are full, and slo
 irrelevant: keys are cached after RoPE at their real positions, and decode needs no mask.
 
 Graph decode (the engine's `decode: graph`): once the slots are full, a step reads no host
-value: the position of the incoming token is a device counter (`seen_t`), the freed slot is
-written in place, and `reset` keeps the slot buffers for the next batch of the same shape, so one
-captured step serves every step of every batch. Replayed steps run no Python: `seen` then stops
-at the captured step (the device counter is the truth).
+value: the position of the incoming token is a device counter (`seen_t`, one per sequence and
+head, all equal), the freed slot is written in place, and `reset` keeps the slot buffers for the
+next batch of the same shape, so one captured step serves every step of every batch. Replayed
+steps run no Python: `seen` then stops at the captured step (the device counter is the truth).
+With step_kernel "triton" (graph decode on CUDA) a full layer's step is one fused kernel
+(kernels.decode_step, where kernels.fused_fits the slots): update() only hands the incoming
+token to it (`incoming`), and the attention function runs fused_step(), which writes the token,
+its position and score, attends, adds the scores and chooses the next free slot, exactly as the
+torch path below does.
 """
 
 from __future__ import annotations
@@ -24,14 +29,21 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from frameworks.h2o import kernels
+
 
 class H2OLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, sizes, prompt_len: int):
+    def __init__(self, sizes, prompt_len: int, score_kernel: str = "torch", step_kernel: str = "torch"):
         super().__init__()
         self.sizes = sizes  # prompt_len -> (heavy, recent)
+        self.score_kernel = score_kernel  # chunked prefill's column sums: "torch" | "triton" (attention.py)
+        self.step_kernel = step_kernel  # decode once the slots are full: "torch" | "triton" (fused)
+        self.fused = False  # decode: step_kernel "triton" and the slots suit it (kernels.fused_fits)
+        self.incoming: tuple[torch.Tensor, torch.Tensor] | None = None  # the token fused_step writes
+        self.prefill_attention = ""  # which attention kernel the triton score path ran (metrics)
         # The layer must know when the prompt ends: the engine says how long this batch's prompt is
         # (KVPolicy.new_cache). Guessing it from forward sizes is wrong: a one-token last chunk
         # looks like a decode step, and evicting before it attends changes the logits.
@@ -43,13 +55,13 @@ class H2OLayer(CacheLayerMixin):
         self.filled = 0  # decode: slots holding a token (a prefix of the slots)
         self.free: torch.Tensor | None = None  # decode, once full: [B, Hkv] slot the next token overwrites
         self.heavy = self.recent = 0
-        self.seen_t: torch.Tensor | None = None  # decode: device copy of `seen`
+        self.seen_t: torch.Tensor | None = None  # decode: device copy of `seen`, [B, Hkv, 1]
         self._bufs: dict[str, torch.Tensor] = {}  # decode slot buffers, kept across reset()
 
     def reset(self, prompt_len: int) -> None:
         """Ready for the next batch; the slot buffers stay (graph mode reuses the layer)."""
         self.prompt_len, self.seen, self.decoding, self.filled = prompt_len, 0, False, 0
-        self.keys = self.values = self.scores = self.pos = self.free = None
+        self.keys = self.values = self.scores = self.pos = self.free = self.incoming = None
 
     # -- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -149,9 +161,10 @@ class H2OLayer(CacheLayerMixin):
         scores[..., :n] = self.scores.gather(-1, keep)
         self.pos = self._buf("pos", (b, h, slots), torch.long).fill_(-1)
         self.pos[..., :n] = keep
-        self.seen_t = self._buf("seen", (), torch.long).fill_(length)
+        self.seen_t = self._buf("seen", (b, h, 1), torch.long).fill_(length)  # per row: the fused kernel's own
         self.keys, self.values, self.scores = keys, values, scores  # the prompt's KV is released here
         self.filled, self.free, self.decoding = n, None, True
+        self.fused = self.step_kernel == "triton" and kernels.fused_fits(b, h, slots)
 
     def _append_slot(self, k: torch.Tensor, v: torch.Tensor):
         if self.free is None:  # slots not full yet: append
@@ -161,6 +174,8 @@ class H2OLayer(CacheLayerMixin):
             self.pos[..., i] = self.seen
             self.filled += 1
             self.seen_t.add_(1)
+        elif self.fused:  # fused_step writes it (and advances seen_t)
+            self.incoming = (k, v)
         else:  # overwrite the slot each (sequence, head) freed at the previous step
             b, h, _, d = k.shape
             self.keys.scatter_(2, self.free.view(b, h, 1, 1).expand(b, h, 1, d), k)
@@ -171,6 +186,12 @@ class H2OLayer(CacheLayerMixin):
         self.seen += 1
         return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
 
+    def fused_step(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The decode step of a full layer in one kernel, after update() handed it the token."""
+        k, v = self.incoming
+        self.incoming = None
+        return kernels.decode_step(q, k, v, self.keys, self.values, self.scores, self.pos, self.free, self.seen_t,
+                                   self.recent, scaling)
 
     def _buf(self, name: str, shape, dtype) -> torch.Tensor:
         """A decode buffer: the one kept from an earlier batch if it fits (fixed addresses), else new."""

@@ -14,6 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIONAL = ("task", "num_examples")
 ACCURACY_EXPERIMENTS = ("accuracy", "fact_retention")
 RETENTION_TASKS = ("facts-tokens", "facts-chat")
+COMPILE_MODES = ("none", "layers")  # frameworks/hf/compile.py (torch-free copy: the host validates)
 
 
 class SpecError(ValueError):
@@ -39,6 +40,9 @@ class CellSpec:
     prefill: str = "sdpa"  # eager | sdpa | flash | chunked
     chunk_size: int = 2048  # tokens per prefill chunk (prefill=chunked)
     decode: str | None = None  # graph | eager (None: the framework's default, its decode_modes[0])
+    # the engine's graph-mode step: none | layers (Inductor-compiled decoder layers, frameworks/hf/compile.py);
+    # None: the default, layers for an engine framework's graph decode on CUDA, none otherwise
+    compile: str | None = None
     request_rate: float | None = None  # req/s (inf: all at once); None: one offline batch
     num_requests: int | None = None  # request-rate cells only
     burstiness: float = 1.0  # gamma shape of inter-arrival times (1.0 = Poisson)
@@ -64,6 +68,8 @@ class CellSpec:
         if self.decode is None:  # resolved here, so a spec's dict and JSON always name the mode
             fw = registry.FRAMEWORKS.get(self.framework)
             object.__setattr__(self, "decode", fw.decode_modes[0] if fw else "graph")
+        if self.compile is None:
+            object.__setattr__(self, "compile", self.default_compile)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -98,6 +104,14 @@ class CellSpec:
 
     # -- derived ------------------------------------------------------------------------
     @property
+    def default_compile(self) -> str:
+        """layers where it pays (the engine's captured step on a GPU); none on the CPU, where
+        compiling a tiny model costs more than it saves, and for what has no such step."""
+        fw = registry.FRAMEWORKS.get(self.framework)
+        on_engine = fw is not None and fw.on_engine
+        return "layers" if on_engine and self.decode == "graph" and self.device == "cuda" else "none"
+
+    @property
     def is_rate_cell(self) -> bool:
         return self.request_rate is not None
 
@@ -118,6 +132,8 @@ class CellSpec:
         fw = registry.FRAMEWORKS.get(self.framework)
         if fw is None or self.decode != fw.decode_modes[0]:  # the default mode keeps the ids as they were
             parts.append(f"dec{self.decode}")
+        if self.compile != self.default_compile:
+            parts.append(f"comp{self.compile}")
         if self.is_rate_cell:
             parts.append(f"rate{_fmt(self.request_rate)}-n{self.num_requests}")
             if self.burstiness != 1.0:
@@ -155,6 +171,10 @@ class CellSpec:
         need(self.prefill in registry.PREFILL_MODES, f"prefill must be one of {registry.PREFILL_MODES}, got {self.prefill!r}")
         need(self.prefill in fw.prefill_modes, f"framework {fw.name} supports prefill {fw.prefill_modes}, not {self.prefill!r}")
         need(self.decode in fw.decode_modes, f"framework {fw.name} supports decode {fw.decode_modes}, not {self.decode!r}")
+        need(self.compile in COMPILE_MODES, f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        need(self.compile == "none" or (fw.on_engine and self.decode == "graph"),
+             f"compile={self.compile} compiles the transformers engine's graph-mode decode step: it needs decode graph "
+             f"on an engine framework, not {fw.name} with decode {self.decode}")
         need(not fw.full_cache_only or self.kv_budget == 1.0, f"framework {fw.name} keeps the full KV cache: kv_budget must be 1.0")
         unknown = sorted(set(self.policy) - fw.policy_keys)
         need(not unknown, f"unknown policy key(s) {unknown} for {fw.name}; allowed: {sorted(fw.policy_keys)}")

@@ -6,6 +6,8 @@ Decode modes (the policy's `decode`): `eager` runs transformers' forward each st
 for the device after each step (what the paper's ports of H2O and InfiniGen ran on); `graph` runs
 one static step (frameworks/hf/graph.py), captured once per cache on CUDA and replayed, with no
 host sync in the loop: per-step times come from CUDA events, read once the batch is done.
+`compile="layers"` (graph mode only): the step's decoder layers run Inductor-compiled code
+(frameworks/hf/compile.py), captured in the same graph.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from frameworks.hf.policy import KVPolicy
 
 class Engine:
     def __init__(self, model, policy: KVPolicy, device: str, prefill: str, chunk_size: int,
-                 max_len: int | None = None, capture: str = "cuda_graph"):
+                 max_len: int | None = None, capture: str = "cuda_graph", compile: str = "none"):
         self.model = model
         self.policy = policy
         self.device = torch.device(device)
@@ -35,6 +37,15 @@ class Engine:
         # so the warm-up's shorter batches reuse the measured batches' cache and captured step
         self.max_len = max_len
         self.capture = capture
+        from frameworks.hf.compile import COMPILE_MODES, RegionalCompile
+
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if compile != "none" and (policy.decode != "graph" or capture != "cuda_graph"):
+            raise ValueError(f"compile={compile!r} compiles the graph-mode step captured by CUDA graphs "
+                             f"(decode graph, capture cuda_graph), not decode {policy.decode!r} / capture {capture!r}")
+        self.compile = compile
+        self._regions = RegionalCompile(model) if compile == "layers" else None
         self._steps: dict[int, tuple] = {}  # id(cache) -> (cache, DecodeStep), the current cache only
         self._pool = None  # the CUDA graph memory pool of the current captured step
         self._graph_stats = {"graphs": 0, "capture_s": 0.0}
@@ -101,7 +112,7 @@ class Engine:
             if self.device.type == "cuda":
                 self._pool = torch.cuda.graph_pool_handle()
             entry = (cache, DecodeStep(self.model, cache, b, max_len, self.device, self.policy.decode_mask,
-                                       self.capture, self._pool, self._graph_stats))
+                                       self.capture, self._pool, self._graph_stats, self._regions))
             self._steps[id(cache)] = entry
         return entry[1]
 
@@ -149,8 +160,12 @@ class Engine:
         """Graph mode: how many steps were captured and what the captures cost (the result's extra)."""
         if self.policy.decode != "graph":
             return {}
-        return {"decode_capture": self.capture if self.device.type == "cuda" else "none (no CUDA: static step run eagerly)",
-                "decode_graphs": self._graph_stats["graphs"], "decode_capture_s": self._graph_stats["capture_s"]}
+        stats = {"decode_capture": self.capture if self.device.type == "cuda" else "none (no CUDA: static step run eagerly)",
+                 "decode_graphs": self._graph_stats["graphs"], "decode_capture_s": self._graph_stats["capture_s"],
+                 "decode_compile": self.compile}
+        if self._regions is not None:
+            stats.update(self._regions.stats())
+        return stats
     # -- accuracy hook (frameworks/accuracy): score tokens after the policy compressed the context --
     @torch.inference_mode()
     def teacher_forced(self, context_ids, feed_ids, gen_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,9 @@ so it can be recorded once and replayed at every later position. On CUDA it is c
 `torch.cuda.CUDAGraph` (capture="cuda_graph", the default) or left to
 `torch.compile(mode="reduce-overhead")` (capture="compile"); the GPU benchmark times both.
 Without CUDA the same function runs eagerly each step: the static-shape path the CPU tests
-compare with eager mode.
+compare with eager mode. With `regions` (frameworks/hf/compile.py, the cell key `compile: layers`)
+the step's decoder layers run Inductor-compiled code, compiled in the first eager step(s) and
+then captured with the rest of the step in the same CUDA graph.
 
 A capture records the step without running it; the static step runs eagerly `warm_steps` times
 first (lazy buffers, kernels and cuBLAS workspaces initialise outside the graph), then it is
@@ -14,6 +16,8 @@ captured and replayed, also for every later batch of the same cache. Nothing her
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -24,7 +28,7 @@ class DecodeStep:
     warm_steps = 1  # eager steps before the capture
 
     def __init__(self, model, cache, batch: int, max_len: int, device: torch.device, mask: bool,
-                 capture: str = "cuda_graph", pool=None, stats: dict | None = None):
+                 capture: str = "cuda_graph", pool=None, stats: dict | None = None, regions=None):
         if capture not in CAPTURES:
             raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
         self.model, self.cache, self.device = model, cache, device
@@ -41,6 +45,7 @@ class DecodeStep:
         self.compiled = None
         self.eager_runs = 0
         self.ready_runs = 0  # eager runs of the static step (the capture comes after warm_steps of them)
+        self.regions = regions  # RegionalCompile or None
         self.stats = stats if stats is not None else {"graphs": 0, "capture_s": 0.0}  # the engine's, over all steps
 
     def feed(self, tokens: torch.Tensor, position: int) -> None:
@@ -51,8 +56,9 @@ class DecodeStep:
     def _step(self) -> None:
         if self.mask is not None:
             torch.le(self.arange, self.pos.view(-1, 1, 1, 1), out=self.mask)  # keys 0..pos are valid
-        out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        with self.regions.active() if self.regions is not None else contextlib.nullcontext():
+            out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         if self.logits is None:
             self.logits = torch.empty_like(logits)  # allocated in the first (eager) run, outside any graph
@@ -81,6 +87,11 @@ class DecodeStep:
         return self.next
 
     def _eager(self) -> None:
+        with self.regions.timed() if self.regions is not None else contextlib.nullcontext():
+            self._eager_step()
+        self.eager_runs += 1
+
+    def _eager_step(self) -> None:
         if not self.cuda:
             self._step()
         else:
@@ -89,7 +100,6 @@ class DecodeStep:
             with torch.cuda.stream(s):
                 self._step()
             torch.cuda.current_stream(self.device).wait_stream(s)
-        self.eager_runs += 1
 
     def _capture(self) -> None:
         import time

@@ -27,7 +27,8 @@ def run_engine_cell(spec, policy_cls) -> Measurement:
     t0 = time.perf_counter()
     model = models.build(spec.model, spec.weights, spec.device, spec.dtype, policy.attn_implementation(spec.prefill), spec.seed)
     policy.prepare(model)
-    engine = Engine(model, policy, spec.device, spec.prefill, spec.chunk_size, max_len=spec.prompt_len + spec.gen_len)
+    engine = Engine(model, policy, spec.device, spec.prefill, spec.chunk_size, max_len=spec.prompt_len + spec.gen_len,
+                    compile=spec.compile)
     build_s = time.perf_counter() - t0
 
     prompts, arrivals = loop.requests(spec, model.config.vocab_size)

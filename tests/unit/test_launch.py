@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from frameworks.harness import cputime
 from frameworks.harness.spec import CellSpec
 from tests.conftest import REPO
@@ -89,3 +91,26 @@ def test_local_cpu_cell_gets_the_hosts_timing_lock(tmp_path):
                         "--spec", "{}", "--out", "x.json"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "lock").read_text().strip() == str(REPO / "results" / cputime.FILE_NAME)
+
+
+def test_local_cell_gets_the_shared_inductor_cache(monkeypatch, tmp_path):
+    """Compiled decode layers (compile=layers) are cached where every cell of the run finds them:
+    results/cache/torchinductor, unless the environment names its own cache."""
+    seen = {}
+
+    def execve(path, argv, env):  # the CPU cell's exec: stop here
+        seen.update(env=env, argv=argv)
+        raise SystemExit(0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launch.os, "execve", execve)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    with pytest.raises(SystemExit):
+        launch.main(["--runner", "local", "--", "--spec", "{}", "--out", "x.json"])
+    assert seen["env"]["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "results" / launch.INDUCTOR_CACHE)
+    assert seen["env"]["TRITON_CACHE_DIR"] == str(tmp_path / "results" / launch.TRITON_CACHE)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    with pytest.raises(SystemExit):
+        launch.main(["--runner", "local", "--", "--spec", "{}", "--out", "x.json"])
+    assert seen["env"]["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"

@@ -158,42 +158,79 @@ def test_sampling_params_are_vllm_sampling_params():
     assert sp.output_kind == RequestOutputKind.DELTA and sp.n == 1
 
 
+def _vllm_kv_cache(model: str, tmp_path, **cell):
+    """What vLLM 0.32.0's engine core allocates for a cell (EngineCore._initialize_kv_caches, on
+    this host's platform): its own VllmConfig from our engine arguments, each layer's KV spec from
+    its Attention layer (heads, head size, dtype and window as its ModelConfig derives them; the
+    CPU attention backend here), the layout resolved, the pool sized from our kv_cache_memory_bytes."""
+    from vllm import EngineArgs
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+    from vllm.v1.core import kv_cache_utils as ku
+
+    c = spec(model=model, device="cpu", dtype="bfloat16", prompt_len=1024, gen_len=32, **cell)
+    kw = ea.engine_kwargs(c, ea.write_model_dir(model, tmp_path / "m"))
+    vc = EngineArgs(**kw).create_engine_config()
+    mc = vc.model_config
+    heads, head_size = mc.get_num_kv_heads(vc.parallel_config), mc.get_head_size()
+    kinds = ea.attention_types(models.config_dict(model))
+    assert len(kinds) == mc.get_num_layers(vc.parallel_config)
+    if model.startswith("gpt-oss"):  # vLLM's gpt_oss.py: sliding window on the even layers
+        assert kinds == ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(kinds))]
+
+    def layer_spec(kind):
+        layer = SimpleNamespace(attn_type=AttentionType.DECODER, kv_cache_dtype=vc.cache_config.cache_dtype,
+                                sliding_window=mc.hf_config.sliding_window if kind == "sliding_attention" else None,
+                                attn_backend=CPUAttentionBackend, num_kv_heads=heads, head_size=head_size,
+                                head_size_v=head_size, kv_cache_torch_dtype=mc.dtype)
+        return Attention.get_kv_cache_spec(layer, vc)
+
+    specs = {f"model.layers.{i}.self_attn.attn": layer_spec(k) for i, k in enumerate(kinds)}
+    resolve_kv_cache_layout(vc, [[x.name for x in CPUAttentionBackend.supported_kv_cache_layouts()]], specs.values())
+    # a CPU worker reports kv_cache_memory_bytes as its available memory (our CPU cells always set it)
+    (kv,) = ku.get_kv_cache_configs(vc, [specs], [kw["kv_cache_memory_bytes"]])
+    return c, kw, vc, kv
+
+
 @needs_vllm
 @pytest.mark.parametrize("model", ["llama-3.1-8b", "gpt-oss-20b", "opt-6.7b"])
-@pytest.mark.skip(reason="not yet ported to vLLM 0.32.0's kv_cache_utils internals (it needs a real VllmConfig "
-                         "with attention_config and a resolved KV layout); test_vllm_real.py checks the layout on "
-                         "the real engine")
 def test_kv_layout_matches_vllms_own_allocation(model, tmp_path):
-    """Our bytes and capacity equal what vLLM's kv_cache_utils allocates for the same blocks."""
-    import torch
-    from vllm.v1.core import kv_cache_utils as ku
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+    """Our bytes, groups and capacity for a fixed block count equal what vLLM allocates for it."""
+    from vllm.v1.core.block_pool import BlockPool
 
-    cfg = models.config_dict(model)
-    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    specs = {}
-    for i, kind in enumerate(ea.attention_types(cfg)):
-        common = dict(block_size=16, num_kv_heads=heads, head_size=head_dim, dtype=torch.bfloat16)
-        specs[f"layers.{i}.attn"] = (SlidingWindowSpec(**common, sliding_window=cfg["sliding_window"])
-                                     if kind == "sliding_attention" else FullAttentionSpec(**common))
-    from vllm import EngineArgs
-    from vllm.config import CacheConfig, ParallelConfig, SchedulerConfig
-
-    cell = spec(model=model, prompt_len=1024, gen_len=32)
-    kw = ea.engine_kwargs(cell, ea.write_model_dir(model, tmp_path / "m"))
-    vllm_config = SimpleNamespace(  # the parts of VllmConfig these functions read (VllmConfig needs a GPU)
-        model_config=EngineArgs(**kw).create_model_config(),
-        cache_config=CacheConfig(block_size=16, num_gpu_blocks_override=1234),
-        scheduler_config=SchedulerConfig(is_encoder_decoder=False, max_model_len=kw["max_model_len"], max_num_seqs=kw["max_num_seqs"],
-                                         max_num_batched_tokens=kw["max_num_batched_tokens"],
-                                         enable_chunked_prefill=True),
-        parallel_config=ParallelConfig(),
-    )
-    groups = ku.get_kv_cache_groups(vllm_config, specs)
-    kv = ku.get_kv_cache_config_from_groups(vllm_config, groups, available_memory=80 * 2**30)
-    ours = ea.kv_cache_layout(cfg, kv.num_blocks, 16, "bfloat16")
+    _, kw, vc, kv = _vllm_kv_cache(model, tmp_path, policy={"num_gpu_blocks": 1234})
+    block = vc.cache_config.block_size
+    ours = ea.kv_cache_layout(models.config_dict(model), 1234, block, "bfloat16")
     assert kv.num_blocks == 1234
-    assert ours["kv_cache_bytes"] == sum(t.size for t in kv.kv_cache_tensors)
-    assert ours["kv_groups"] == len(kv.kv_cache_groups)
-    assert ours["kv_capacity_tokens"] == (kv.num_blocks - 1) // len(kv.kv_cache_groups) * 16  # less the null block
+    # one backing allocation (vllm/v1/worker/utils.py allocate_kv_cache), every layer in it
+    assert {t.size for t in kv.kv_cache_tensors} == {ours["kv_cache_bytes"]} == {kw["kv_cache_memory_bytes"]}
+    assert sorted(n for t in kv.kv_cache_tensors for n in t.layers) == sorted(n for g in kv.kv_cache_groups
+                                                                               for n in g.layer_names)
+    assert ours["kv_groups"] == len(kv.kv_cache_groups) == (2 if model.startswith("gpt-oss") else 1)
+    # the blocks the scheduler can hand out: the pool less its null block, shared by the groups
+    free = BlockPool(kv.num_blocks, enable_caching=False, hash_block_size=block).get_num_free_blocks()
+    assert ours["kv_capacity_tokens"] == free // len(kv.kv_cache_groups) * block
+
+
+@needs_vllm
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "gpt-oss-20b", "opt-6.7b"])
+def test_cpu_kv_cache_admits_exactly_the_batch_at_full_length(model, tmp_path):
+    """The full-cache size of a CPU cell (engine_kwargs) is exactly what vLLM's own KV cache
+    manager needs to hold max_num_seqs requests of max_model_len tokens at once: one more does
+    not fit and no block is left over (the capacity the transformers engines allocate)."""
+    from vllm import SamplingParams
+    from vllm.v1.core import kv_cache_utils as ku
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.request import Request
+
+    c, kw, vc, kv = _vllm_kv_cache(model, tmp_path, batch_size=3)
+    block, n = vc.cache_config.block_size, kw["max_model_len"]
+    mgr = KVCacheManager(ku.generate_scheduler_kv_cache_config([kv]), max_model_len=n, scheduler_block_size=block,
+                         hash_block_size=block, max_in_flight_tokens=vc.max_in_flight_tokens, enable_caching=False)
+    sp = SamplingParams(**ea.sampling_kwargs(c.gen_len))
+    seqs = kw["max_num_seqs"]
+    fits = [mgr.allocate_slots(Request(f"r{i}", list(range(n)), sp, None), n) is not None for i in range(seqs + 1)]
+    assert fits == [True] * seqs + [False]
+    assert mgr.block_pool.get_num_free_blocks() == 0

@@ -2,6 +2,7 @@
 deadline keeps what finished and says so (exit 3); the next call, from its unpacked tar, finishes
 (exit 0) and its one tar holds cells, tables, figures and the run's record."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -43,3 +44,18 @@ def test_deadline_then_resume(repo_copy, tmp_path):
     assert {"./run/call1.json", "./run/call2.json", "./run/command.txt", "./run/time_model.txt"} <= set(names)
     rec = json.loads((repo2 / "results/run/call2.json").read_text())
     assert rec["state"] == "complete" and rec["cells_after"] == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="this Python has vLLM: the cell would run")
+def test_vllm_venv_none_records_vllm_cells_unsupported(repo_copy):
+    """What gpu_reference.sh sets on the H200 machine (no vLLM there): vLLM cells run in the
+    workflow's own Python, no venv is planned, and a Python without vLLM gives a result that says so."""
+    cell = "results/cells/kv_budget/vllm/tiny-llama-3.1/bs4_in256_out16_kv1_flash.json"
+    from tests.conftest import snakemake
+
+    p = snakemake(repo_copy, "--cores", "1", "--config", "preset=smoke", "runner=local", "vllm_venv=none", "--", cell)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = p.stdout + p.stderr
+    assert "rule vllm_venv" not in log.lower() and "rule run_cell" in log.lower()  # no venv job, the cell ran
+    rec = json.loads((repo_copy / cell).read_text())
+    assert rec["status"] == "unsupported" and "vLLM is not installed in this environment" in rec["message"]

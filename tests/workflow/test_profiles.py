@@ -18,3 +18,7 @@ def test_slurm_profile_dry_run(repo_copy):
     assert counts["image"] == 5 and counts["image_sif"] == 4 and counts["run_cell"] > 100
     assert "slurm_partition=gpu" in p.stdout and "gpu=1" in p.stdout
     assert "runtime=65" in p.stdout  # the cells' own limit: timeout_s 3600 + the launcher's 300 s
+    # what needs no GPU asks for the cpu partition: every job of these rules, by its resources line
+    for rule in ("table", "figure", "claims", "decision_guide", "report"):
+        blocks = re.findall(rf"^(?:local)?rule {rule}:\n((?:    .*\n)+)", p.stdout, re.M)
+        assert blocks and all("slurm_partition=cpu" in b for b in blocks), (rule, blocks[:1])

@@ -38,6 +38,11 @@ IMAGE_EXT = {"local": None, "docker": "iid", "apptainer": "sif"}
 RUNNERS = tuple(IMAGE_EXT)
 SECRETS = ("HF_TOKEN",)  # passed by name only, never by value on a command line
 CELL_MODULE = ("-m", "frameworks.harness.run_cell")
+# Inductor's and Triton's on-disk caches (compiled decode layers, frameworks/hf/compile.py; InfiniGen's
+# gather kernel), shared by the cells of a run and kept between runs: a cell of a model and batch size
+# compiled before loads the code. Under results/ (mounted in containers, whose HOME is a temp dir)
+INDUCTOR_CACHE = "cache/torchinductor"
+TRITON_CACHE = "cache/triton"
 WORKDIR = "/work"  # the images' WORKDIR; results/ is mounted at /work/results
 GRACE_S = 300  # on top of the cell's own time limit: image start, model build, result write
 
@@ -173,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.gpus:  # CPU cells time one at a time on this host: one lock file, seen by every runner
         lock = results_dir / cputime.FILE_NAME
         env[cputime.ENV] = str(lock.resolve()) if args.runner == "local" else f"{WORKDIR}/{lock}"
+    if args.runner == "local":  # this environment's own settings win
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str((results_dir / INDUCTOR_CACHE).resolve()))
+        env.setdefault("TRITON_CACHE_DIR", str((results_dir / TRITON_CACHE).resolve()))
     if args.runner == "local" and not args.gpus:  # CPU cell: nothing to claim, nothing to wrap
         os.execve(python, [python, *CELL_MODULE, *cell_args], env)
 
@@ -198,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         rc = run([python, *CELL_MODULE, *cell_args], env, timeout_s, kill_group, fds)
     else:
         meta = {**git_env(), "KVSTUDY_IMAGE_ID": read_image_id(
-            args.image if args.runner == "docker" else str(Path(args.image).with_suffix(".iid")))}
+            args.image if args.runner == "docker" else str(Path(args.image).with_suffix(".iid"))),
+                "TORCHINDUCTOR_CACHE_DIR": f"{WORKDIR}/results/{INDUCTOR_CACHE}",
+                "TRITON_CACHE_DIR": f"{WORKDIR}/results/{TRITON_CACHE}"}
         if cputime.ENV in env:
             meta[cputime.ENV] = env[cputime.ENV]
         secrets = [k for k in SECRETS if env.get(k)]

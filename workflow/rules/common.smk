@@ -33,8 +33,11 @@ except celltable.ConfigError as e:
 
 EXPERIMENTS = sorted({c.experiment for c in CELLS.values()})
 RUNNER = config["runner"]
-# runner local: vLLM cells run in their own venv (vLLM brings its own torch), made by rule vllm_venv
+# runner local: vLLM cells run in their own venv (vLLM brings its own torch), made by rule vllm_venv;
+# "none": in the workflow's own Python (a host with vLLM installed there runs them; one without,
+# such as a GPU machine with only torch, records them `unsupported`, naming what is missing)
 VLLM_VENV = config.get("vllm_venv") or ".venv-vllm"
+VLLM_OWN_VENV = VLLM_VENV != "none"
 IMAGE_CONFIG = config.get("images") or {}
 
 # figure -> the experiment whose table it plots (one script per figure: workflow/scripts/<figure>.py)
@@ -191,7 +194,8 @@ def get_cell_image(wildcards) -> list[str]:
     # (local: vLLM's venv, the local counterpart of its image)
     ext = launch.IMAGE_EXT[RUNNER]
     if not ext:
-        return [f"{VLLM_VENV}/.installed"] if wildcards.framework == "vllm" else []
+        own = wildcards.framework == "vllm" and VLLM_OWN_VENV
+        return [f"{VLLM_VENV}/.installed"] if own else []
     return [f"results/images/{images.image_of(wildcards.framework)}.{ext}"]
 
 
