@@ -441,6 +441,9 @@ def overhead_child(tiny: bool, batch: int, t0: float, compile: str | None) -> No
     t_imp = time.time()
     import torch
 
+    from frameworks.harness.worker import skip_unused_transformers_extras
+
+    skip_unused_transformers_extras()  # as a cell's worker does, before transformers' model code loads
     from frameworks import models
     from frameworks.harness import workload
     from frameworks.harness.spec import CellSpec
