@@ -10,8 +10,8 @@ early fact's value appears nowhere else, so only a cache that kept its token can
 are distinct within a sequence, so every question has one answer. Half of the distractor
 questions, while there are any, ask a fact not asked before: a repeated question can also be
 answered by copying its last answer, a first one only from the fact's token — the circuit the
-final question needs (with them, 4 of 4 seeds of retriever-tiny reached full recall; without,
-2 of 4). A fact is one token so that a small model learns retrieval in minutes on a CPU: the
+final question needs (600 steps of retriever-tiny's shape with 16 keys: recall 1.0 at 128 and
+256 tokens for 4 of 4 seeds with them, for 2 of 4 without). A fact is one token so that a small model learns retrieval in minutes on a CPU: the
 question's key matches the fact's key in one attention step (a two-token fact needs an
 induction circuit, which takes a tiny model far longer to find). Token-level: no tokenizer is
 needed to train; the word-level tokenizer (tokenizer.py) names the same ids for lm-eval.
