@@ -55,6 +55,7 @@ FIGURES = {
 # models the pipeline trains (frameworks/accuracy/train.py; rule train_model)
 TRAINED_MODELS = [m for m in models.names() if "train" in models.entry(m)]
 TRAINED_PREFIX = "results/models/"
+SHIPPED_PREFIX = "results/reference/"
 
 
 wildcard_constraints:
@@ -124,8 +125,11 @@ def get_framework_code(wildcards) -> list[str]:
 
 
 def get_cell_weights(wildcards) -> list[str]:
-    # a cell on a model trained here depends on its checkpoint (rule train_model)
+    # a cell on a model trained here depends on its checkpoint (rule train_model); one on a
+    # checkpoint shipped under results/reference/ (the GPU-trained retriever) on that file
     weights = get_cell(wildcards).weights.rstrip("/")
+    if weights.startswith(SHIPPED_PREFIX):
+        return [f"{weights}/model.safetensors"]
     if not weights.startswith(TRAINED_PREFIX):
         return []
     name = weights.removeprefix(TRAINED_PREFIX)
