@@ -7,11 +7,14 @@ distractor facts and questions about the distractor facts stated so far (so atte
 reach back through the context during training), and ends with a question about one of the
 early facts — the fact planted at the start of a long conversation, recalled at the end; an
 early fact's value appears nowhere else, so only a cache that kept its token can answer. Keys
-are distinct within a sequence, so every question has one answer. A fact is one token so that a
-small model learns retrieval in minutes on a CPU: the question's key matches the fact's key in
-one attention step (a two-token fact needs an induction circuit, which takes a tiny model far
-longer to find). Token-level: no tokenizer is needed to train; the word-level tokenizer
-(tokenizer.py) names the same ids for lm-eval.
+are distinct within a sequence, so every question has one answer. Half of the distractor
+questions, while there are any, ask a fact not asked before: a repeated question can also be
+answered by copying its last answer, a first one only from the fact's token — the circuit the
+final question needs (600 steps of retriever-tiny's shape with 16 keys: recall 1.0 at 128 and
+256 tokens for 4 of 4 seeds with them, for 2 of 4 without). A fact is one token so that a small model learns retrieval in minutes on a CPU: the
+question's key matches the fact's key in one attention step (a two-token fact needs an
+induction circuit, which takes a tiny model far longer to find). Token-level: no tokenizer is
+needed to train; the word-level tokenizer (tokenizer.py) names the same ids for lm-eval.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ PAD, BOS, EOS, FACT, ASK, FILL = range(len(SPECIALS))  # FACT: unused (a fact is
 N_VALUES = 8
 EARLY_FACTS = 4  # facts planted at the start; the final question asks about one of them
 ASK_P = 0.5  # probability that a distractor turn is a question rather than a new fact
+FRESH_P = 0.5  # probability that a question asks a distractor fact not asked before (if any)
 
 
 @dataclass(frozen=True)
@@ -74,11 +78,14 @@ def sequence(rng: np.random.Generator, vocab: Vocab, length: int) -> tuple[np.nd
     values = rng.integers(0, vocab.n_values, vocab.n_keys)
     toks, mask = [BOS], [False]
     stated: list[int] = []
+    unasked: list[int] = []  # distractor facts stated and not asked yet
 
     def fact(i: int) -> None:
         toks.append(int(vocab.fact(keys[i], values[i])))
         mask.append(False)
         stated.append(i)
+        if i >= EARLY_FACTS:
+            unasked.append(i)
 
     def ask(i: int) -> None:
         toks.extend((ASK, int(vocab.key(keys[i])), int(vocab.value(values[i]))))
@@ -92,7 +99,15 @@ def sequence(rng: np.random.Generator, vocab: Vocab, length: int) -> tuple[np.nd
         if len(stated) < vocab.n_keys and (not can_ask or rng.random() >= ASK_P):
             fact(len(stated))
         elif can_ask:  # distractor questions never name an early fact
-            ask(stated[rng.integers(EARLY_FACTS, len(stated))])
+            if unasked and rng.random() < FRESH_P:  # a first question: only the fact's token answers it
+                j = int(rng.integers(len(unasked)))
+                unasked[j], unasked[-1] = unasked[-1], unasked[j]
+                ask(unasked.pop())
+            else:  # any distractor stated so far (a repeat can also be answered from its last answer)
+                i = stated[rng.integers(EARLY_FACTS, len(stated))]
+                ask(i)
+                if i in unasked:
+                    unasked.remove(i)
         else:  # keys used up and no room for a question: filler
             toks.append(FILL)
             mask.append(False)

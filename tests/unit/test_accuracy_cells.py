@@ -11,7 +11,7 @@ import pytest
 from frameworks.accuracy import chat, train
 from frameworks.harness.spec import CellSpec, SpecError
 
-SMALL = {"steps": 2, "batch_size": 2, "seq_len": 48, "warmup_steps": 1, "threads": 1}
+SMALL = {"phases": [{"seq_len": 48, "steps": 2, "batch_size": 2}], "warmup_steps": 1, "threads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,24 @@ def test_chat_conversation_plants_the_fact_first_and_asks_last():
         assert text.index(code) < 120 and text.count(code) == 1  # planted once, at the start
         assert tok.decode(question).endswith("<|assistant|>")
     assert chat.matches(" 1234.", "1234") and not chat.matches("12345", "1234")
+
+
+def test_paper_fact_retention_runs_the_trained_model_and_a_real_one_per_model():
+    # per_model: facts-tokens on the retriever trained here, facts-chat on Llama-3.1-8B (no weights: unsupported)
+    import copy
+
+    from workflow.lib import celltable
+
+    preset = celltable.load_preset("paper")
+    cells = celltable.build_cells({"preset": "paper", "runner": "local", "experiments": ["fact_retention"]}, preset)
+    by_model = {}
+    for c in cells.values():
+        by_model.setdefault(c.model, set()).add((c.task, c.weights))
+    assert by_model == {"retriever-small": {("facts-tokens", "results/models/retriever-small")},
+                        "llama-3.1-8b": {("facts-chat", "random")}}
+    assert {c.prompt_len for c in cells.values() if c.model == "llama-3.1-8b"} == {1024, 4096, 8192, 16384, 32768}
+    assert {c.kv_budget for c in cells.values() if c.framework == "hf"} == {1.0}
+    bad = copy.deepcopy(preset)
+    bad["experiments"]["fact_retention"]["per_model"]["llama-3.2-1b"] = {"params": {"task": "facts-chat"}}
+    with pytest.raises(celltable.ConfigError, match="per_model names 'llama-3.2-1b'"):
+        celltable.build_cells({"preset": "paper", "runner": "local"}, bad)

@@ -81,3 +81,24 @@ def test_oci_labels(image):
     text = (REPO / f"containers/{image}/Dockerfile").read_text()
     for label in ("source", "revision", "version"):
         assert f"org.opencontainers.image.{label}=" in text
+
+
+LOCKED_FROM = [("engine", "requirements.in", "requirements.lock", None),
+               ("engine", "requirements.in", "requirements-cpu.lock", "cpu-overrides.txt"),
+               ("vllm", "requirements.in", "requirements.lock", None),
+               ("vllm", "requirements-cpu.in", "requirements-cpu.lock", "cpu-overrides.txt")]
+
+
+def pins(path: Path) -> dict[str, str]:
+    lines = (re.match(r"^([A-Za-z0-9_.\-]+)==([^ ;\\]+)", s) for s in path.read_text().splitlines())
+    return {m[1].lower(): m[2] for m in lines if m}
+
+
+@pytest.mark.parametrize("image,src,lock,overrides", LOCKED_FROM, ids=lambda v: v if isinstance(v, str) else "")
+def test_lock_holds_every_pin_of_its_input(image, src, lock, overrides):
+    # a pin added to requirements*.in (lm-eval for the accuracy cells) without refresh-locks.sh
+    # would leave it out of the image: `--require-hashes` installs exactly the lock
+    folder = REPO / "containers" / image
+    want = pins(folder / src) | (pins(folder / overrides) if overrides else {})
+    have = pins(folder / lock)
+    assert {k: v for k, v in want.items() if have.get(k) != v} == {}

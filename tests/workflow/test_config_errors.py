@@ -90,3 +90,13 @@ def test_policy_sweep_axis_sets_one_policy_key():
     policies = sorted((c.policy["alpha"], c.policy["partial_weight_ratio"]) for c in cells.values())
     assert policies == [(0.01, 0.2), (0.1, 0.2), (1, 0.2), (4, 0.2)]
     assert len({c.cell_id for c in cells.values()}) == 4
+
+
+def test_missing_shipped_checkpoint_is_one_clear_error(repo_copy):
+    # the h200 preset's fact retention loads the GPU-trained retriever shipped under results/reference/
+    import shutil
+
+    shutil.rmtree(repo_copy / "results/reference/h200-2026-12-02/models", ignore_errors=True)
+    p = dry(repo_copy, "preset=h200", "experiments=[fact_retention]")
+    assert p.returncode != 0
+    assert "no checkpoint there (model.safetensors); it is made on a GPU by benchmarks/gpu_retriever.sh" in p.stderr + p.stdout

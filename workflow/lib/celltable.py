@@ -117,16 +117,22 @@ def build_cells(config: dict, preset: dict) -> dict[str, CellSpec]:
                 raise ConfigError(f"experiment {exp_name}: framework {fw!r} is not declared under the preset's frameworks")
         for fw in set(exp.get("per_framework") or {}) - set(exp_fws):
             raise ConfigError(f"experiment {exp_name}: per_framework names {fw!r}, which the experiment does not run")
+        all_models = set(exp["models"]).union(*((o.get("models") or []) for o in (exp.get("per_framework") or {}).values()))
+        for m in set(exp.get("per_model") or {}) - all_models:
+            raise ConfigError(f"experiment {exp_name}: per_model names {m!r}, which the experiment does not run")
         for fw in exp_fws:
             if fw_filter and fw not in fw_filter:
                 continue
             over = (exp.get("per_framework") or {}).get(fw, {})
-            params = _merge(preset["defaults"], preset["frameworks"][fw].get("params"), exp.get("params"), over.get("params"))
-            sweep = {**(exp.get("sweep") or {}), **(over.get("sweep") or {})}
             for model in over.get("models") or exp["models"]:
                 if model_filter and model not in model_filter:
                     continue
                 _known_model(model, f"experiment {exp_name}")
+                # per_model (e.g. a real model's task and weights beside a trained one's), then per_framework
+                per_model = (exp.get("per_model") or {}).get(model, {})
+                params = _merge(preset["defaults"], preset["frameworks"][fw].get("params"), exp.get("params"),
+                                per_model.get("params"), over.get("params"))
+                sweep = {**(exp.get("sweep") or {}), **(per_model.get("sweep") or {}), **(over.get("sweep") or {})}
                 if not models.supports(model, fw):
                     raise ConfigError(f"experiment {exp_name}: framework {fw} does not support model {model} "
                                       f"(registry: {models.entry(model)['frameworks']})")

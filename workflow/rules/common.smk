@@ -58,6 +58,7 @@ FIGURES = {
 # models the pipeline trains (frameworks/accuracy/train.py; rule train_model)
 TRAINED_MODELS = [m for m in models.names() if "train" in models.entry(m)]
 TRAINED_PREFIX = "results/models/"
+SHIPPED_PREFIX = "results/reference/"
 
 
 wildcard_constraints:
@@ -81,6 +82,8 @@ def get_unknown_cell(wildcards):
     # input of the unknown_cell rule: a cell path this run does not have, explained
     path = f"results/cells/{wildcards.path}.json"
     if path in CELLS:  # a cell of this run: the run_cell rule makes it (ruleorder)
+        # unless its checkpoint is missing: then the same clear error here, not an `exit 1` job
+        cell_weights(CELLS[path])
         return []
     raise WorkflowError(f"kvstudy: {celltable.explain_unknown_cell(path, config)}")
 
@@ -141,8 +144,21 @@ def get_framework_code(wildcards) -> list[str]:
 
 
 def get_cell_weights(wildcards) -> list[str]:
-    # a cell on a model trained here depends on its checkpoint (rule train_model)
-    weights = get_cell(wildcards).weights.rstrip("/")
+    return cell_weights(get_cell(wildcards))
+
+
+def cell_weights(spec: CellSpec) -> list[str]:
+    # a cell on a model trained here depends on its checkpoint (rule train_model); one on a
+    # checkpoint shipped under results/reference/ (the GPU-trained retriever) on that file
+    weights = spec.weights.rstrip("/")
+    if weights.startswith(SHIPPED_PREFIX):
+        if not Path(weights, "model.safetensors").is_file():
+            raise WorkflowError(
+                f"kvstudy: weights {weights!r}: no checkpoint there (model.safetensors); it is made on "
+                "a GPU by benchmarks/gpu_retriever.sh and shipped (README, accuracy section), or leave "
+                f"the {spec.experiment} cells out with experiments=[...]"
+            )
+        return [f"{weights}/model.safetensors"]
     if not weights.startswith(TRAINED_PREFIX):
         return []
     name = weights.removeprefix(TRAINED_PREFIX)
