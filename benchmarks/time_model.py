@@ -68,6 +68,8 @@ def observations(cells_root: Path, logs: Path | None) -> list[dict]:
         if not isinstance(r, dict) or not {"spec", "status", "started_at", "ended_at"} <= set(r):
             continue  # not a cell result
         sp, s, ex = r["spec"], r.get("summary") or {}, r.get("extra") or {}
+        if sp.get("task"):
+            continue  # accuracy / fact-retention cells: no TTFT or decode timing to model (their time is per example)
         wall = _bench_wall(logs, path, cells_root)
         if wall is None:
             wall = (datetime.fromisoformat(r["ended_at"]) - datetime.fromisoformat(r["started_at"])).total_seconds()
@@ -212,8 +214,11 @@ def main(argv=None) -> int:
     model = Model(obs)
     model.startup_s = args.startup_s
     cells = celltable.cells_from_config({"preset": args.preset, "runner": "local"})
-    est, missing = {}, []
+    est, missing, tasks = {}, [], []
     for path, spec in cells.items():
+        if spec.task:
+            tasks.append(path)
+            continue
         e = model.estimate(spec)
         (missing.append(path) if e is None else est.__setitem__(path, (spec, *e)))
     print(f"time model from {sum(o['status'] == 'ok' for o in obs)} measured cells ({len(obs)} results) in {args.cells}")
@@ -237,8 +242,11 @@ def main(argv=None) -> int:
         fws = sorted({cells[p].framework for p in missing})
         print(f"  not estimated ({len(missing)} cells of {', '.join(fws)}: no measured cell of that framework "
               "and model size): not in the totals")
+    if tasks:
+        print(f"  not estimated ({len(tasks)} accuracy / fact-retention cells: their time grows with the task's "
+              "examples, not with the timing this model fits): not in the totals")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "cells": len(cells),
+        args.json.write_text(json.dumps({"preset": args.preset, "cells": len(cells), "not_estimated_tasks": tasks,
                                          "estimated_s": {p: t for p, (_, t, _) in est.items()},
                                          "makespan_s": span, "not_estimated": missing}, indent=1))
     return 0

@@ -21,7 +21,7 @@ SECRET = "hf_kvstudy_canary_" + hashlib.sha1(str(os.getpid()).encode()).hexdiges
 # the engine frameworks: the vLLM image has its CPU variant and its own job (test_vllm_image.py)
 RUN = ["--cores", "2", "--configfile", "docker.yaml", "--config", "preset=smoke", "experiments=[kv_budget,model_size]",
        "frameworks=[hf,h2o,infinigen]"]
-CELL = "results/cells/kv_budget/hf/tiny-llama-3.1/bs4_in256_out16_kv1_sdpa.json"
+CELL = "results/cells/kv_budget/hf/tiny-llama-3.1/bs4_in256_out64_kv1_sdpa.json"
 
 
 def git(repo, *args):

@@ -69,7 +69,7 @@ def test_bad_preset(repo_copy, changes, message):
     [
         ([], "batch/hf/tiny-llama-3.1/bs3_in256_out32_kv1_sdpa", "no preset has it: add its point to an experiment's sweep"),
         ([], "batch/hf/llama-3.1-8b/bs8_in2048_out256_kv1_sdpa", "it is a cell of preset 'paper': choose it with --config preset=paper"),
-        (["frameworks=[h2o]"], "batch/hf/tiny-llama-3.1/bs4_in256_out32_kv1_sdpa",
+        (["frameworks=[h2o]"], "batch/hf/tiny-llama-3.1/bs4_in256_out64_kv1_sdpa",
          "it is a cell of preset 'smoke' without the filters {'frameworks': ['h2o']}: drop them"),
     ],
 )

@@ -50,7 +50,7 @@ def test_deadline_then_resume(repo_copy, tmp_path):
 def test_vllm_venv_none_records_vllm_cells_unsupported(repo_copy):
     """What gpu_reference.sh sets on the H200 machine (no vLLM there): vLLM cells run in the
     workflow's own Python, no venv is planned, and a Python without vLLM gives a result that says so."""
-    cell = "results/cells/kv_budget/vllm/tiny-llama-3.1/bs4_in256_out16_kv1_flash.json"
+    cell = "results/cells/kv_budget/vllm/tiny-llama-3.1/bs4_in256_out64_kv1_flash.json"
     from tests.conftest import snakemake
 
     p = snakemake(repo_copy, "--cores", "1", "--config", "preset=smoke", "runner=local", "vllm_venv=none", "--", cell)

@@ -131,7 +131,7 @@ def test_second_run_does_nothing(smoke):
 
 
 def test_force_one_cell_redoes_only_that_cell(smoke):
-    target = "results/cells/batch/hf/tiny-llama-3.1/bs4_in256_out32_kv1_sdpa.json"
+    target = "results/cells/batch/hf/tiny-llama-3.1/bs4_in256_out64_kv1_sdpa.json"
     before = mtimes(smoke)
     p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "-f", target)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -146,7 +146,7 @@ def test_force_one_cell_redoes_only_that_cell(smoke):
 
 
 def test_forcerun_redoes_cell_and_dependents(smoke):
-    target = "results/cells/kv_budget/hf/tiny-llama-3.1/bs4_in256_out16_kv1_sdpa.json"
+    target = "results/cells/kv_budget/hf/tiny-llama-3.1/bs4_in256_out64_kv1_sdpa.json"
     p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "-n", "--forcerun", target)
     assert jobs(p.stdout) == {"run_cell": 1, "table": 1, "figure": 1, "claims": 1, "decision_guide": 1,
                               "compare_reference": 1, "report": 1, "all": 1}, p.stdout
@@ -167,8 +167,8 @@ def pasted(repo, stdout: str, kind: str, path: str) -> subprocess.CompletedProce
 
 
 def test_status_lists_non_ok_cells_with_commands_that_work(smoke):
-    oom = smoke / "results/cells/model_size/hf/tiny-llama-3.1/bs4_in256_out16_kv1_sdpa.json"
-    gone = smoke / "results/cells/model_size/hf/tiny-llama-3.2-1b/bs4_in256_out16_kv1_sdpa.json"
+    oom = smoke / "results/cells/model_size/hf/tiny-llama-3.1/bs4_in256_out64_kv1_sdpa.json"
+    gone = smoke / "results/cells/model_size/hf/tiny-llama-3.2-1b/bs4_in256_out64_kv1_sdpa.json"
     r = result.load(oom)
     r.update(status="oom", message="OutOfMemoryError: test", summary=None, samples=[])
     result.write_atomic(oom, r)
@@ -186,7 +186,7 @@ def test_status_lists_non_ok_cells_with_commands_that_work(smoke):
 
 
 def test_deleted_result_reruns_although_its_table_exists(smoke):
-    target = "results/cells/model_size/hf/tiny-llama-3.2-3b/bs4_in256_out16_kv1_sdpa.json"
+    target = "results/cells/model_size/hf/tiny-llama-3.2-3b/bs4_in256_out64_kv1_sdpa.json"
     before = mtimes(smoke)
     (smoke / target).unlink()
     p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
