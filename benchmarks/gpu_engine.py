@@ -327,16 +327,8 @@ def run_rates(ctx: Ctx) -> dict:
     h = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
     d = torch.empty(h.shape, dtype=torch.uint8, device="cuda")
 
-    def timed(fn, n):
-        fn()
-        torch.cuda.synchronize()
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(e) / 1e3 / n
+    def timed(fn, n):  # seconds per call (CUDA events, one warm-up call)
+        return gpu_engine_h2o._cuda_ms(torch, fn, n) / 1e3
 
     hbm = 2 * x.numel() / timed(lambda: y.copy_(x), 20)  # read + write
     pcie = h.numel() / timed(lambda: d.copy_(h, non_blocking=True), 10)
