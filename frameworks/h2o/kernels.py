@@ -17,7 +17,10 @@ decode_step (graph decode, slots full): one fused kernel per layer and step for 
   head) one program: pass 1 the row maxima and sums, pass 2 the probabilities, the output and
   the scores (the keys are read twice, the second time mostly from L2). The token position is a
   per-(sequence, head) device counter the program advances itself, so the step needs no other
-  kernel. Replaces ~17 small kernels of the torch path (frameworks/h2o/attention.py,
+  kernel. The default form ("split", DECODE_MODE) splits the slots over several programs per
+  (sequence, head), each reading its keys and values once, and a second, small kernel merges
+  their softmax statistics and does the scores and the eviction choice from the stored logits.
+  Replaces ~17 small kernels of the torch path (frameworks/h2o/attention.py,
   decode_with_scores + cache.py's scatters and eviction choice).
 
 Loop trip counts are compile-time constants (blocks past the end are masked): Triton 3.6's
@@ -43,6 +46,15 @@ LOG2E = math.log2(math.e)
 # times a few other tiles next to this one: benchmarks/gpu_engine.py, group h2o)
 PREFILL_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
 DECODE_BLOCK_S = 64
+# decode_step's two forms: "split" (the default) spreads each (sequence, KV head) over up to
+# DECODE_TARGET_PROGRAMS / (batch x KV heads) programs, each reading its part of the keys and
+# values once (online softmax, flash-decoding's split), then a small merge kernel combines them
+# and does the scores and the eviction choice from the stored logits; "onepass" is the first
+# form, one program per (sequence, KV head) reading the keys twice: 8 programs at batch 1 leave
+# the H200's 132 SMs idle (benchmarks/gpu_engine.py times both: h2o/graph-onepass)
+DECODE_MODES = ("split", "onepass")
+DECODE_MODE = "split"
+DECODE_TARGET_PROGRAMS = 1024
 # decode_step runs one program per (sequence, KV head) over all slots: with few programs and many
 # slots (batch 1, a long prompt's budget) it leaves most of the GPU idle, and the torch path's
 # batched matmuls are faster; the layer takes the fused step only where it fits (fused_fits)
@@ -169,8 +181,122 @@ if triton is not None:
                  mask=g_ok[:, None] & dv_ok[None, :])
         tl.store(free_ptr + b * sf_b + j, best_slot)
 
+    @triton.jit
+    def _decode_split(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, free_ptr, x_ptr, m_ptr, l_ptr, acc_ptr,
+                      sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sf_b,
+                      sx_b, sx_h, sx_g, sm_b, sm_h, sm_p, sa_b, sa_h, sa_p, sa_g, slots, qk_scale,
+                      G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                      SPLIT_BLOCKS: tl.constexpr, PREC: tl.constexpr):
+        """Pass 1 of the split step: one program per (sequence, KV head, split of the slots). It
+        writes the incoming token into the freed slot if that slot is in its split, and leaves the
+        split's logits (log2 domain), row maxima, sums and unnormalised output for _decode_merge."""
+        b = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        p_id = tl.program_id(2)
+        g = tl.arange(0, BLOCK_G)
+        g_ok = g < G
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        dv = tl.arange(0, BLOCK_DV)
+        dv_ok = dv < DV
+        q = tl.load(q_ptr + b * sq_b + (j * G + g)[:, None] * sq_h + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        kn = tl.load(kn_ptr + b * skn_b + j * skn_h + d, mask=d_ok, other=0.0)
+        vn = tl.load(vn_ptr + b * svn_b + j * svn_h + dv, mask=dv_ok, other=0.0)
+        free = tl.load(free_ptr + b * sf_b + j)
+        k_base = k_ptr + b * sk_b + j * sk_h
+        v_base = v_ptr + b * sv_b + j * sv_h
+        lo = p_id * (SPLIT_BLOCKS * BLOCK_S)
+        mine = (free >= lo) & (free < lo + SPLIT_BLOCKS * BLOCK_S)  # no other program reads that slot
+        tl.store(k_base + free * sk_s + d, kn, mask=d_ok & mine)
+        tl.store(v_base + free * sv_s + dv, vn, mask=dv_ok & mine)
+        x_base = x_ptr + b * sx_b + j * sx_h + g[:, None] * sx_g
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+        for blk in range(SPLIT_BLOCKS):  # online softmax over the split's slots: keys and values read once
+            s = lo + blk * BLOCK_S + tl.arange(0, BLOCK_S)
+            s_ok = s < slots
+            k = tl.load(k_base + s[:, None] * sk_s + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.where((s == free)[:, None], kn[None, :], k)
+            x = tl.where(s_ok[None, :], tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale, float("-inf"))
+            tl.store(x_base + s[None, :], x, mask=g_ok[:, None] & s_ok[None, :])
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(x - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + s[:, None] * sv_s + dv[None, :], mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
+            v = tl.where((s == free)[:, None], vn[None, :], v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        tl.store(m_ptr + b * sm_b + j * sm_h + p_id * sm_p + g, m_i, mask=g_ok)
+        tl.store(l_ptr + b * sm_b + j * sm_h + p_id * sm_p + g, l_i, mask=g_ok)
+        tl.store(acc_ptr + b * sa_b + j * sa_h + p_id * sa_p + g[:, None] * sa_g + dv[None, :], acc,
+                 mask=g_ok[:, None] & dv_ok[None, :])
+
+    @triton.jit
+    def _decode_merge(x_ptr, m_ptr, l_ptr, acc_ptr, sc_ptr, pos_ptr, free_ptr, seen_ptr, out_ptr,
+                      sx_b, sx_h, sx_g, sm_b, sm_h, sm_p, sa_b, sa_h, sa_p, sa_g, ss_b, ss_h, sp_b, sp_h, sf_b, sn_b,
+                      so_b, so_h, slots, splits, recent,
+                      G: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, S_BLOCKS: tl.constexpr):
+        """Pass 2 of the split step, one program per (sequence, KV head): the splits' softmax
+        statistics and outputs combined, then the scores, the token's position and the eviction
+        choice over all slots from the stored logits (no key is read again)."""
+        b = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        g = tl.arange(0, BLOCK_G)
+        g_ok = g < G
+        dv = tl.arange(0, BLOCK_DV)
+        dv_ok = dv < DV
+        pp = tl.arange(0, BLOCK_P)
+        p_ok = pp < splits
+        st = b * sm_b + j * sm_h + pp[:, None] * sm_p + g[None, :]
+        mp = tl.load(m_ptr + st, mask=p_ok[:, None] & g_ok[None, :], other=float("-inf"))  # [P, G]
+        lp = tl.load(l_ptr + st, mask=p_ok[:, None] & g_ok[None, :], other=0.0)
+        m = tl.max(mp, 0)  # [G]
+        m = tl.where(g_ok, m, 0.0)  # padded heads: no NaN from -inf - -inf
+        w = tl.where(p_ok[:, None] & g_ok[None, :], tl.exp2(mp - m[None, :]), 0.0)
+        l_tot = tl.sum(lp * w, 0)
+        inv_l = 1.0 / tl.where(g_ok, l_tot, 1.0)
+        out = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+        for p_id in range(BLOCK_P):  # the splits' outputs, rescaled to the common maximum
+            wp = tl.sum(tl.where(pp[:, None] == p_id, w, 0.0), 0)  # [G]: split p_id's weight (0 past the end)
+            a = tl.load(acc_ptr + b * sa_b + j * sa_h + p_id * sa_p + g[:, None] * sa_g + dv[None, :],
+                        mask=(p_id < splits) & g_ok[:, None] & dv_ok[None, :], other=0.0)
+            out += a * wp[:, None]
+        out = out * inv_l[:, None]
+        tl.store(out_ptr + b * so_b + (j * G + g)[:, None] * so_h + dv[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & dv_ok[None, :])
+        free = tl.load(free_ptr + b * sf_b + j)
+        seen = tl.load(seen_ptr + b * sn_b + j)
+        sc_base = sc_ptr + b * ss_b + j * ss_h
+        pos_base = pos_ptr + b * sp_b + j * sp_h
+        tl.store(pos_base + free, seen)
+        tl.store(seen_ptr + b * sn_b + j, seen + 1)
+        x_base = x_ptr + b * sx_b + j * sx_h + g[:, None] * sx_g
+        best = tl.full([], float("inf"), dtype=tl.float32)
+        best_slot = tl.zeros([], dtype=tl.int32)
+        for blk in range(S_BLOCKS):
+            s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+            s_ok = s < slots
+            x = tl.load(x_base + s[None, :], mask=g_ok[:, None] & s_ok[None, :], other=float("-inf"))
+            p = tl.where(g_ok[:, None] & s_ok[None, :], tl.exp2(x - m[:, None]) * inv_l[:, None], 0.0)
+            score = tl.where(s == free, 0.0, tl.load(sc_base + s, mask=s_ok, other=0.0)) + tl.sum(p, 0)
+            tl.store(sc_base + s, score, mask=s_ok)
+            pos = tl.where(s == free, seen, tl.load(pos_base + s, mask=s_ok, other=0))
+            cand = tl.where(s_ok & (pos < seen + 1 - recent), score, float("inf"))  # the recent window stays
+            low = tl.min(cand, 0)
+            take = low < best  # strictly: an earlier block wins a tie
+            best_slot = tl.where(take, tl.argmin(cand, 0) + blk * BLOCK_S, best_slot)
+            best = tl.where(take, low, best)
+        tl.store(free_ptr + b * sf_b + j, best_slot)
+
 
 def fused_fits(batch: int, kv_heads: int, slots: int) -> bool:
+    if DECODE_MODE == "split":  # programs scale with the slots: no idle GPU at small batches
+        return True
     return slots <= FUSED_MAX_SLOTS or batch * kv_heads >= FUSED_MIN_PROGRAMS
 
 
@@ -217,6 +343,9 @@ def decode_step(q, k_new, v_new, keys, values, scores, pos, free, seen, recent: 
         _need(t.stride(-1) == 1, "unit last strides")
     _need(free.stride(-1) == 1 and seen.stride(1) == 1 and supports(q.dtype), "free/seen [B, Hkv] rows, fp16/bf16/fp32")
     out = torch.empty((b, 1, hq, dv), dtype=q.dtype, device=q.device)
+    if DECODE_MODE == "split":
+        _split_step(q, k_new, v_new, keys, values, scores, pos, free, seen, out, recent, scaling)
+        return out
     _decode_step[(b, hkv)](q, k_new, v_new, keys, values, scores, pos, free, seen, out,
                            q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
                            keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
@@ -226,3 +355,38 @@ def decode_step(q, k_new, v_new, keys, values, scores, pos, free, seen, recent: 
                            BLOCK_S=DECODE_BLOCK_S, S_BLOCKS=triton.cdiv(slots, DECODE_BLOCK_S), PREC=_precision(q.dtype),
                            num_warps=4, num_stages=2)
     return out
+
+
+def split_blocks(batch: int, kv_heads: int, slots: int) -> tuple[int, int]:
+    """(splits, BLOCK_S blocks per split) of the split step: enough programs to fill the GPU
+    (DECODE_TARGET_PROGRAMS), at most one split per block of slots."""
+    blocks = triton.cdiv(slots, DECODE_BLOCK_S)
+    splits = max(1, min(blocks, triton.cdiv(DECODE_TARGET_PROGRAMS, batch * kv_heads)))
+    per = triton.cdiv(blocks, splits)
+    return triton.cdiv(blocks, per), per
+
+
+def _split_step(q, k_new, v_new, keys, values, scores, pos, free, seen, out, recent: int, scaling: float) -> None:
+    b, hq, _, d = q.shape
+    hkv, slots, dv = keys.shape[1], keys.shape[2], values.shape[-1]
+    g = hq // hkv
+    splits, per = split_blocks(b, hkv, slots)
+    dev = q.device
+    x = torch.empty((b, hkv, g, slots), dtype=torch.float32, device=dev)  # the step's logits, log2 domain
+    m = torch.empty((b, hkv, splits, g), dtype=torch.float32, device=dev)
+    l_ = torch.empty_like(m)
+    acc = torch.empty((b, hkv, splits, g, dv), dtype=torch.float32, device=dev)
+    consts = dict(G=g, BLOCK_G=_block(g), BLOCK_DV=_block(dv), BLOCK_S=DECODE_BLOCK_S)
+    _decode_split[(b, hkv, splits)](q, k_new, v_new, keys, values, free, x, m, l_, acc,
+                                    q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0),
+                                    v_new.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+                                    values.stride(1), values.stride(2), free.stride(0), x.stride(0), x.stride(1),
+                                    x.stride(2), m.stride(0), m.stride(1), m.stride(2), acc.stride(0), acc.stride(1),
+                                    acc.stride(2), acc.stride(3), slots, scaling * LOG2E, D=d, DV=dv, BLOCK_D=_block(d),
+                                    SPLIT_BLOCKS=per, PREC=_precision(q.dtype), num_warps=4, num_stages=2, **consts)
+    _decode_merge[(b, hkv)](x, m, l_, acc, scores, pos, free, seen, out, x.stride(0), x.stride(1), x.stride(2),
+                            m.stride(0), m.stride(1), m.stride(2), acc.stride(0), acc.stride(1), acc.stride(2),
+                            acc.stride(3), scores.stride(0), scores.stride(1), pos.stride(0), pos.stride(1), free.stride(0),
+                            seen.stride(0), out.stride(0), out.stride(2), slots, splits, recent, DV=dv,
+                            BLOCK_P=max(2, triton.next_power_of_2(splits)), S_BLOCKS=triton.cdiv(slots, DECODE_BLOCK_S),
+                            num_warps=4, num_stages=1, **consts)

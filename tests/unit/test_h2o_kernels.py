@@ -100,12 +100,21 @@ def _attend(layer, q, k, v, scaling):
     return attention.h2o_chunked(module, q, keys, values, scaling=scaling)[0]
 
 
+# decode_step's forms: the split step with one block per split, with several blocks per split
+# (few programs wanted), and the one-pass step
+FORMS = [("split", 1024), ("split", 2), ("onepass", 1024)]
+
+
+@pytest.mark.parametrize("mode,programs", FORMS)
 @pytest.mark.parametrize("b,hq,hkv,d,prompt_len,heavy,recent", [
     (2, 8, 2, 32, 60, 20, 9),  # GQA, 30 slots: one block
     (1, 4, 4, 16, 300, 80, 70),  # MHA, 151 slots: three blocks, the last ragged
     (3, 4, 1, 32, 40, 12, 0),  # heavy hitters only: nothing is protected
+    (1, 8, 2, 16, 700, 150, 40),  # 191 slots, GQA: split 1024 -> 3 splits of one block, 2 -> 1 split of 3
 ])
-def test_fused_decode_step_equals_the_torch_step(b, hq, hkv, d, prompt_len, heavy, recent):
+def test_fused_decode_step_equals_the_torch_step(b, hq, hkv, d, prompt_len, heavy, recent, mode, programs, monkeypatch):
+    monkeypatch.setattr(kernels, "DECODE_MODE", mode)
+    monkeypatch.setattr(kernels, "DECODE_TARGET_PROGRAMS", programs)
     (ref, fused), g = _layer_pair(b, hkv, d, prompt_len, heavy, recent, seed=prompt_len)
     scaling = 4 * d ** -0.5
     for step in range(6):  # the first step appends (torch in both), the rest overwrite a freed slot
@@ -117,7 +126,15 @@ def test_fused_decode_step_equals_the_torch_step(b, hq, hkv, d, prompt_len, heav
         for name in ("keys", "values", "pos", "free", "seen_t"):
             assert torch.equal(getattr(fused, name), getattr(ref, name)), (step, name)
         assert torch.equal(fused.kept_positions(), ref.kept_positions())
-    assert fused.incoming is None and fused.step_kernel == "triton"
+    assert fused.incoming is None and fused.step_kernel == "triton" and fused.fused
+
+
+def test_split_blocks(monkeypatch):
+    monkeypatch.setattr(kernels, "DECODE_TARGET_PROGRAMS", 1024)
+    assert kernels.split_blocks(1, 8, 409) == (7, 1)  # batch 1: one block of 64 slots per program
+    assert kernels.split_blocks(64, 8, 409) == (2, 4)  # 512 (sequence, head) pairs: two splits
+    assert kernels.split_blocks(256, 8, 409) == (1, 7)  # the GPU is full: one program per pair
+    assert kernels.split_blocks(1, 8, 30) == (1, 1)
 
 
 # -- whole generations on the tiny models ---------------------------------------------------------
