@@ -7,7 +7,9 @@ for the device after each step (what the paper's ports of H2O and InfiniGen ran 
 one static step (frameworks/hf/graph.py), captured once per cache on CUDA and replayed, with no
 host sync in the loop: per-step times come from CUDA events, read once the batch is done.
 `compile="layers"` (graph mode only): the step's decoder layers run Inductor-compiled code
-(frameworks/hf/compile.py), captured in the same graph.
+(frameworks/hf/compile.py), captured in the same graph. `fuse="on"` (graph mode with the CUDA-graph
+capture; the default): the step's q/k/v and gate/up projections run as one GEMM each
+(frameworks/hf/fuse.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from frameworks.hf.policy import KVPolicy
 
 class Engine:
     def __init__(self, model, policy: KVPolicy, device: str, prefill: str, chunk_size: int,
-                 max_len: int | None = None, capture: str = "cuda_graph", compile: str = "none"):
+                 max_len: int | None = None, capture: str = "cuda_graph", compile: str = "none", fuse: str = "on"):
         self.model = model
         self.policy = policy
         self.device = torch.device(device)
@@ -45,6 +47,14 @@ class Engine:
             raise ValueError(f"compile={compile!r} compiles the graph-mode step captured by CUDA graphs "
                              f"(decode graph, capture cuda_graph), not decode {policy.decode!r} / capture {capture!r}")
         self.compile = compile
+        from frameworks.hf.fuse import FUSE_MODES, FusedProjections
+
+        if fuse not in FUSE_MODES:
+            raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
+        # graph decode with the engine's own capture only (fuse.py); before RegionalCompile, which
+        # then compiles the fused MLP forward
+        self.fuse = fuse if policy.decode == "graph" and capture == "cuda_graph" else "off"
+        self._fused = FusedProjections(model) if self.fuse == "on" else None
         self._regions = RegionalCompile(model) if compile == "layers" else None
         self._steps: dict[int, tuple] = {}  # id(cache) -> (cache, DecodeStep), the current cache only
         self._pool = None  # the CUDA graph memory pool of the current captured step
@@ -112,7 +122,7 @@ class Engine:
             if self.device.type == "cuda":
                 self._pool = torch.cuda.graph_pool_handle()
             entry = (cache, DecodeStep(self.model, cache, b, max_len, self.device, self.policy.decode_mask,
-                                       self.capture, self._pool, self._graph_stats, self._regions))
+                                       self.capture, self._pool, self._graph_stats, self._regions, self._fused))
             self._steps[id(cache)] = entry
         return entry[1]
 
@@ -162,7 +172,8 @@ class Engine:
             return {}
         stats = {"decode_capture": self.capture if self.device.type == "cuda" else "none (no CUDA: static step run eagerly)",
                  "decode_graphs": self._graph_stats["graphs"], "decode_capture_s": self._graph_stats["capture_s"],
-                 "decode_compile": self.compile}
+                 "decode_compile": self.compile,
+                 "decode_fused_projections": self._fused.fused if self._fused is not None else []}
         if self._regions is not None:
             stats.update(self._regions.stats())
         return stats

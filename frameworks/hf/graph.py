@@ -28,7 +28,7 @@ class DecodeStep:
     warm_steps = 1  # eager steps before the capture
 
     def __init__(self, model, cache, batch: int, max_len: int, device: torch.device, mask: bool,
-                 capture: str = "cuda_graph", pool=None, stats: dict | None = None, regions=None):
+                 capture: str = "cuda_graph", pool=None, stats: dict | None = None, regions=None, fused=None):
         if capture not in CAPTURES:
             raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
         self.model, self.cache, self.device = model, cache, device
@@ -46,6 +46,7 @@ class DecodeStep:
         self.eager_runs = 0
         self.ready_runs = 0  # eager runs of the static step (the capture comes after warm_steps of them)
         self.regions = regions  # RegionalCompile or None
+        self.fused = fused  # FusedProjections or None
         self.stats = stats if stats is not None else {"graphs": 0, "capture_s": 0.0}  # the engine's, over all steps
 
     def feed(self, tokens: torch.Tensor, position: int) -> None:
@@ -56,7 +57,10 @@ class DecodeStep:
     def _step(self) -> None:
         if self.mask is not None:
             torch.le(self.arange, self.pos.view(-1, 1, 1, 1), out=self.mask)  # keys 0..pos are valid
-        with self.regions.active() if self.regions is not None else contextlib.nullcontext():
+        if self.fused is not None:
+            self.fused.check()  # host-side, at eager runs and the capture only (replays run no Python)
+        with self.regions.active() if self.regions is not None else contextlib.nullcontext(), \
+                self.fused.active() if self.fused is not None else contextlib.nullcontext():
             out = self.model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.mask,
                              past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
