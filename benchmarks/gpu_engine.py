@@ -1,6 +1,7 @@
 """GPU benchmark of the transformers engine (issue 12): decode against the HBM floor, on one H200.
 
     python benchmarks/gpu_engine.py --out DIR [--tiny] [--time-budget-s S] [--groups engine,overhead,...]
+        [--skip hf/eager,hf/graph-matmul,...]  (variant-name prefixes left out of the plan)
     (or benchmarks/gpu_engine.sh; a second call with the same DIR runs only what is not recorded yet)
 
 Llama-3.1-8B architecture, random bf16, prompt 2048 + 256 generated. Measured in the same run:
@@ -19,7 +20,9 @@ soon as it is measured, and a variant's exception is recorded and the next one r
              prefill) at 1/16/64 with its bookkeeping (score update + eviction choice of every layer,
              captured alone and timed), graph vs eager on the 8B model (bf16: report), hf eager,
              hf graph with the matmul decode kernel instead of SDPA (h2o's bookkeeping with its
-             fused step on CUDA: the fused steps minus SDPA over the same slots)
+             fused step on CUDA: the fused steps minus SDPA over the same slots); the old paths
+             side by side: graph-nofuse (separate q/k/v and gate/up GEMMs, frameworks/hf/fuse.py)
+             and h2o graph-onepass (the one-program-per-head fused step, kernels.DECODE_MODE)
   h2o        H2O's Triton kernels (benchmarks/gpu_engine_h2o.py): checked against the torch path on
              the GPU (a few shapes: GQA, MHA, later chunks, ragged blocks), and timed (a 32K prompt's
              prefill chunk: score kernel tiles vs flash; a 32-layer decode step: fused vs torch path)
@@ -28,7 +31,8 @@ soon as it is measured, and a variant's exception is recorded and the next one r
   infinigen  budget 0.2 at batch 1/8/32, with and without fetch (its decode is eager)
   overhead   a fresh process: imports + 8B build + warm-up batch with the capture (bs 16), with
              compile layers on an empty Inductor cache (cold: the first cell of a run), again on
-             that cache (warm: every later cell of the model and batch), and with compile none
+             that cache (warm: every later cell of the model and batch), the warm one again without
+             Inductor's compile-worker pool (TORCH_WARM_POOL=0), and with compile none
   h2otorch   h2o graph at budget 0.2 with the torch path instead of the Triton kernels, batch 1/16/64
   compile    hf with torch.compile(mode="reduce-overhead") instead of one CUDA graph, batch 1/16/64
 The default 490 s usually ends before h2otorch / compile: `--only h2otorch,compile` runs them in a call of their own.
@@ -87,12 +91,20 @@ def plan(tiny: bool) -> list[dict]:
     for b in S["hf_batches"]:  # the engine before regional compilation (the default on the CPU)
         add("engine", f"hf/graph-nocompile/bs{b}", "decode", 8 + 0.3 * b, framework="hf", batch=b, decode="graph",
             reps=S["reps"], compile="none")
+    for b in S["hf_batches"]:  # the step before the fused projections (frameworks/hf/fuse.py)
+        add("engine", f"hf/graph-nofuse/bs{b}", "decode", 10 + 0.3 * b, framework="hf", batch=b, decode="graph",
+            reps=2, fuse="off")
     if tiny:  # on the CPU the default is none: run the compiled path too (Inductor's C++ backend)
         add("engine", "hf/graph-layers/bs1", "decode", 1.0, framework="hf", batch=1, decode="graph", reps=S["reps"],
             compile="layers")
     for b in S["hf_batches"]:
         add("engine", f"h2o/graph/bs{b}", "decode", 8 + 0.3 * b, framework="h2o", batch=b, decode="graph",
             reps=S["reps"], kv_budget=0.2)
+    for b in S["hf_batches"]:  # the first form of the fused step (one program per sequence and head)
+        add("engine", f"h2o/graph-onepass/bs{b}", "decode", 8 + 0.3 * b, framework="h2o", batch=b, decode="graph",
+            reps=2, kv_budget=0.2, h2o_decode="onepass")
+    add("engine", f"h2o/graph-nofuse/bs{S['hf_batches'][0]}", "decode", 8, framework="h2o", batch=S["hf_batches"][0],
+        decode="graph", reps=2, kv_budget=0.2, fuse="off")
     add("engine", "correct/8b", "correct_model", 15)
     for b in S["hf_batches"]:
         add("engine", f"hf/eager/bs{b}", "decode", 8 + 0.05 * b, framework="hf", batch=b, decode="eager", reps=1, gen=S["gen"] // 4)
@@ -109,6 +121,10 @@ def plan(tiny: bool) -> list[dict]:
     # compile layers (the CUDA default) explicitly: the tiny CPU run exercises it too
     add("overhead", f"overhead/hf-graph/bs{ob}", "overhead", 45, batch=ob, cache="fresh", compile="layers")  # cold cache
     add("overhead", f"overhead/hf-graph-warm/bs{ob}", "overhead", 35, batch=ob, cache="reuse", compile="layers")
+    # Inductor's compile-worker pool, started when Inductor is imported (16 processes importing torch
+    # on a 16-core machine), has nothing to compile on a warm cache: the same cell without it
+    add("overhead", f"overhead/hf-graph-warm-nopool/bs{ob}", "overhead", 35, batch=ob, cache="reuse", compile="layers",
+        env={"TORCH_WARM_POOL": "0"})
     add("overhead", f"overhead/hf-graph-nocompile/bs{ob}", "overhead", 35, batch=ob, compile="none")
     add("h2o", "h2o/kernel-check", "h2o_kernel_check", 30)
     if not tiny:
@@ -124,7 +140,8 @@ def plan(tiny: bool) -> list[dict]:
                 capture="compile")
     add("ttft128k", "ttft128k/hf-flash", "ttft", 20, framework="hf", prompt=S["ttft_long"])
     add("ttft128k", "ttft128k/h2o-chunked", "ttft", 60, framework="h2o", prompt=S["ttft_long"])
-    return v
+    skip = tuple(x for x in os.environ.get("GPU_ENGINE_SKIP", "").split(",") if x)  # --skip, inherited by the workers
+    return [x for x in v if not x["name"].startswith(skip)] if skip else v
 
 
 # -- measurements (worker side) -----------------------------------------------------------------------
@@ -185,7 +202,7 @@ def policy_cls(framework: str):
     return KVPolicy
 
 
-def make_engine(ctx: Ctx, spec, model, capture="cuda_graph", fetch=True):
+def make_engine(ctx: Ctx, spec, model, capture="cuda_graph", fetch=True, fuse="on"):
     from frameworks.hf.engine import Engine
 
     policy = policy_cls(spec.framework)(spec)
@@ -197,7 +214,7 @@ def make_engine(ctx: Ctx, spec, model, capture="cuda_graph", fetch=True):
         __import__("torch")._dynamo.reset()
     return policy, Engine(model, policy, spec.device, spec.prefill, spec.chunk_size,
                           max_len=spec.prompt_len + spec.gen_len, capture=capture,
-                          compile=spec.compile if capture == "cuda_graph" else "none")
+                          compile=spec.compile if capture == "cuda_graph" else "none", fuse=fuse)
 
 
 def unhook(model) -> None:
@@ -209,7 +226,7 @@ def unhook(model) -> None:
 
 
 def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0, kernel="sdpa", capture="cuda_graph",
-               fetch=True, h2o_kernel=None, compile=None) -> dict:
+               fetch=True, h2o_kernel=None, compile=None, h2o_decode=None, fuse=None) -> dict:
     from frameworks.harness import workload
     from frameworks.hf import attention
 
@@ -218,8 +235,9 @@ def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0
     model = ctx.get_model()
     spec = spec_of(ctx, framework, batch, S["prompt"], gen, decode, kv_budget, compile=compile)
     attention.decode_kernel = kernel
+    h2o_mode = _h2o_decode_mode(h2o_decode)
     try:
-        policy, engine = make_engine(ctx, spec, model, capture, fetch)
+        policy, engine = make_engine(ctx, spec, model, capture, fetch, fuse or "on")
         if h2o_kernel:  # before the first cache: its layers take the policy's choice
             policy.score_kernel = policy.step_kernel = h2o_kernel
         prompts = workload.prompts(0, batch, S["prompt"], model.config.vocab_size)
@@ -242,7 +260,7 @@ def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         res = {"spec": spec.to_dict(), "warmup_s": warm_s,
                "weights_read_bytes": weights - (0 if tied else emb.numel() * emb.element_size()), "reps": rows, "graph": engine.graph_stats(),
-               "step_ms": statistics.median(r["step_ms_p50"] for r in rows),
+               "step_ms": statistics.median(r["step_ms_p50"] for r in rows), "fuse": engine.fuse,
                "kv_cache_bytes": engine.kv_bytes_peak,
                "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if ctx.dev.type == "cuda" else None}
         for key in ("output_tok_s", "decode_tok_s"):
@@ -263,9 +281,20 @@ def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0
         return res
     finally:
         attention.decode_kernel = "sdpa"
+        _h2o_decode_mode(h2o_mode)
         unhook(model)
         if ctx.dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+
+
+def _h2o_decode_mode(mode):
+    """Set H2O's fused decode form (kernels.DECODE_MODE) for a variant; returns the one before."""
+    if mode is None:
+        return None
+    from frameworks.h2o import kernels
+
+    before, kernels.DECODE_MODE = kernels.DECODE_MODE, mode
+    return before
 
 
 def h2o_bookkeeping_ms(ctx: Ctx, cache) -> float:
@@ -398,7 +427,7 @@ def run_ttft(ctx: Ctx, framework: str, prompt: int) -> dict:
         ctx.free()
 
 
-def run_overhead(ctx: Ctx, batch: int, cache: str = "fresh", compile: str | None = None) -> dict:
+def run_overhead(ctx: Ctx, batch: int, cache: str = "fresh", compile: str | None = None, env: dict | None = None) -> dict:
     """A fresh process, as a cell: interpreter start, imports, model build, warm-up batch (compile
     and capture). cache: "fresh" an empty Inductor cache (the first cell of a run), "reuse" the
     cache the last "fresh" one filled (a later cell of the same model and batch)."""
@@ -412,7 +441,8 @@ def run_overhead(ctx: Ctx, batch: int, cache: str = "fresh", compile: str | None
     cmd += ["--compile", compile] if compile else []
     # the cell's environment: the launcher's Inductor cache variable, and not the benchmark workers'
     # allocator setting (expandable segments map a model's 16 GB in small pieces: slower to build)
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir.resolve()))
+    extra_env = env or {}
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir.resolve()), **extra_env)
     cell_alloc = os.environ.get("KVSTUDY_CELL_ALLOC_CONF")
     if cell_alloc is not None:
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
@@ -425,7 +455,8 @@ def run_overhead(ctx: Ctx, batch: int, cache: str = "fresh", compile: str | None
     if p.returncode:
         raise RuntimeError(f"overhead child exited {p.returncode}: {p.stderr[-2000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    res.update(inductor_cache=cache, inductor_cache_dir=str(cache_dir), alloc_conf=env.get("PYTORCH_CUDA_ALLOC_CONF"))
+    res.update(inductor_cache=cache, inductor_cache_dir=str(cache_dir), alloc_conf=env.get("PYTORCH_CUDA_ALLOC_CONF"),
+               env=extra_env)
     return res
 
 
@@ -463,11 +494,13 @@ def overhead_child(tiny: bool, batch: int, t0: float, compile: str | None) -> No
     t_built = time.time()
     engine = Engine(model, policy, ctx_s["device"], "sdpa", ctx_s["chunk"], max_len=ctx_s["prompt"] + ctx_s["gen"],
                     compile=spec.compile)
+    t_engine = time.time()  # with compile layers: Dynamo and Inductor imported, the regions wrapped
     engine.generate(workload.prompts(0, batch, ctx_s["prompt"], model.config.vocab_size), 4)
     t_ready = time.time()
     print(json.dumps({"start_to_main_s": t_imp - t0, "imports_s": t_init0 - t_imp, "cuda_init_s": t_code0 - t_init0,
                       "model_code_import_s": t_built0 - t_code0,
-                      "build_s": t_built - t_built0, "warmup_with_capture_s": t_ready - t_built, "compile": spec.compile,
+                      "build_s": t_built - t_built0, "warmup_with_capture_s": t_ready - t_built,
+                      "of_which_engine_init_s": t_engine - t_built, "compile": spec.compile,
                       "graph": engine.graph_stats(), "total_s": t_ready - t0}))
 
 
@@ -595,6 +628,7 @@ def main() -> int:
     ap.add_argument("--time-budget-s", type=float, default=None, help="stop starting work after this (default 490; tiny 400)")
     ap.add_argument("--groups", "--only", dest="only", default=",".join(GROUPS),
                     help=f"comma-separated groups to run (default all: {','.join(GROUPS)})")
+    ap.add_argument("--skip", default="", help="comma-separated variant-name prefixes not to run (recorded as skipped)")
     ap.add_argument("--worker", choices=GROUPS, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--overhead-child", action="store_true", help=argparse.SUPPRESS)
@@ -613,6 +647,8 @@ def main() -> int:
         torch.set_num_threads(2)
     if args.worker:
         return worker(Path(args.out), args.worker, args.tiny, args.deadline)
+    if args.skip:
+        os.environ["GPU_ENGINE_SKIP"] = args.skip
     groups = [g for g in args.only.split(",") if g]
     bad = sorted(set(groups) - set(GROUPS))
     if bad:

@@ -180,13 +180,14 @@ def kernel_timing(ctx) -> dict:
         p["blockwise_scores_ms (torch path)"] = _cuda_ms(torch, lambda: attention.blockwise_scores(q, k, s), reps=2)
         del q, k, v, lse
         ctx.free()
-        limit = kernels.FUSED_MAX_SLOTS
+        limit, mode = kernels.FUSED_MAX_SLOTS, kernels.DECODE_MODE
         for bs, prompt_len in ((1, 2048), (16, 2048), (64, 2048), (1, 32768)):  # the last: many slots, few programs
             row = {}
             kernels.FUSED_MAX_SLOTS = 10**9  # the fused step whatever kernels.fused_fits says: is its limit right?
             try:
-                for kernel in ("triton", "torch"):
-                    layers = _decode_layers(torch, dev, kernel, bs, prompt_len=prompt_len)
+                for kernel in ("triton", "onepass", "torch"):  # onepass: the first form of the fused step
+                    kernels.DECODE_MODE = "onepass" if kernel == "onepass" else mode
+                    layers = _decode_layers(torch, dev, "torch" if kernel == "torch" else "triton", bs, prompt_len=prompt_len)
                     qs = _tensors(torch, dev, torch.bfloat16, (bs, 32, 1, d), (bs, hkv, 1, d), (bs, hkv, 1, d), seed=99)
                     step = lambda: [_attend(layer, *qs, s) for layer in layers]  # noqa: E731
                     step()  # the first step appends; the slots are full from now on
@@ -197,7 +198,7 @@ def kernel_timing(ctx) -> dict:
                     del layers
                     ctx.free()
             finally:
-                kernels.FUSED_MAX_SLOTS = limit
+                kernels.FUSED_MAX_SLOTS, kernels.DECODE_MODE = limit, mode
             row["slots"] = 2 * (prompt_len // 10) + 1
             row["fused_fits"] = kernels.fused_fits(bs, hkv, row["slots"])
             res["decode"][f"bs{bs}/prompt{prompt_len}"] = row
@@ -251,7 +252,8 @@ def print_timing(summary: dict) -> None:
           f"{p['flash_with_lse_ms']:.2f} ms; torch block-wise scores {p['blockwise_scores_ms (torch path)']:.1f} ms")
     for row in p["tiles"]:
         print(f"  column_scores {row['tile']}: " + (f"{row['ms']:.2f} ms, {row['tflops']:.0f} TFLOP/s" if "ms" in row else row["error"][:150]))
-    print("h2o decode step, 32 layers, captured (ms): batch/prompt  slots  fused  torch-path  SDPA-over-slots  fused_fits")
+    print("h2o decode step, 32 layers, captured (ms): batch/prompt  slots  fused (split)  fused one-pass  torch-path  "
+          "SDPA-over-slots  fused_fits")
     for b, row in t["decode"].items():
-        print(f"  {b:>14} {row['slots']:6d} {row['triton_step_ms']:7.3f} {row['torch_step_ms']:9.3f} "
-              f"{row['sdpa_over_slots_ms']:9.3f}  {row['fused_fits']}")
+        print(f"  {b:>14} {row['slots']:6d} {row['triton_step_ms']:13.3f} {row.get('onepass_step_ms', float('nan')):15.3f} "
+              f"{row['torch_step_ms']:11.3f} {row['sdpa_over_slots_ms']:16.3f}  {row['fused_fits']}")

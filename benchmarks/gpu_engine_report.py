@@ -95,9 +95,12 @@ def summarize(out: Path, tiny: bool) -> dict:
     # model and batch size); the cold first cell is reported next to it, with what its compile cost
     ob = 4 if tiny else 16
     for tag, what in (("hf-graph-warm", "compile layers, warm Inductor cache: the target"),
+                      ("hf-graph-warm-nopool", "compile layers, warm cache, no Inductor worker pool (TORCH_WARM_POOL=0)"),
                       ("hf-graph", "compile layers, cold cache: a run's first cell of a shape"),
                       ("hf-graph-nocompile", "compile none")):
         o = res.get(f"overhead/{tag}/bs{ob}")
+        if o is None and f"overhead/{tag}/bs{ob}" not in rows and tag == "hf-graph-warm-nopool":
+            continue  # not in this run's plan
         target(f"per-cell overhead (process + build + warm-up with compile and capture), {what} <= 15 s",
                o and o["total_s"], 15.0, (o["total_s"] <= 15.0 if o else None) if tag != "hf-graph" else None,
                json.dumps(o) if o else _why(rows, f"overhead/{tag}/bs{ob}"))
@@ -114,10 +117,20 @@ def summarize(out: Path, tiny: bool) -> dict:
     compare = {}
     for b in (1, 16, 64) if not tiny else (1, 4):
         g = res.get(f"hf/graph/bs{b}")
-        for other in ("eager", "graph-nocompile", "graph-layers", "graph-matmul", "compile"):
+        for other in ("eager", "graph-nocompile", "graph-layers", "graph-matmul", "compile", "graph-nofuse"):
             x = res.get(f"hf/{other}/bs{b}")
             if g and x:
                 compare[f"hf {other} / graph bs{b}"] = x["step_ms"] / g["step_ms"]
+        h = res.get(f"h2o/graph/bs{b}")
+        for other in ("graph-onepass", "graph-nofuse"):  # the changes of this round, old path over new
+            x = res.get(f"h2o/{other}/bs{b}")
+            if h and x:
+                compare[f"h2o {other} / graph bs{b}"] = x["step_ms"] / h["step_ms"]
+                if x.get("bookkeeping_ms") is not None:
+                    target(f"h2o {other} bs{b}: bookkeeping / step (the old path, for comparison)",
+                           x["bookkeeping_ms"] / x["step_ms"], 0.15, None,
+                           f"{x['bookkeeping_ms']:.3f} of {x['step_ms']:.2f} ms; step / hf step "
+                           + (f"{x['step_ms'] / g['step_ms']:.3f}" if g else "-"))
     gpu_engine_h2o.targets(res, target, compare, lambda name: _why(rows, name))
     return {"tiny": tiny, "rates": rates, "targets": targets, "comparisons": compare, "variants": list(rows.values()),
             "provenance": provenance.collect(0)}
