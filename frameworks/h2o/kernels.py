@@ -7,6 +7,7 @@ column_scores (chunked prefill): the accumulated attention each key of a chunk's
   pass itself (flash attention returns it). One program holds a block of keys and streams the
   query rows past it (the key-stationary loop of flash attention's backward pass): no [q, k]
   matrix exists, no atomics are needed, and the cost is one Q.K^T pass over the causal triangle.
+  Only the blocks on the diagonal build the causal mask (PREFILL_TILE's DIAG_MASK).
 
 decode_step (graph decode, slots full): one fused kernel per layer and step for one query per
   sequence: it writes the incoming token into the slot freed at the previous step (keys, values,
@@ -44,7 +45,9 @@ except ImportError:  # CPU-only installs without triton: H2O runs its torch path
 LOG2E = math.log2(math.e)
 # column_scores tile: BLOCK_N keys per program, BLOCK_M query rows per step (the GPU benchmark
 # times a few other tiles next to this one: benchmarks/gpu_engine.py, group h2o)
-PREFILL_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+# DIAG_MASK: build the causal mask on the diagonal blocks only (at 128K nearly every block is
+# below it); False: on every block, the first form
+PREFILL_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "DIAG_MASK": True}
 DECODE_BLOCK_S = 64
 # decode_step's two forms: "split" (the default) spreads each (sequence, KV head) over up to
 # DECODE_TARGET_PROGRAMS / (batch x KV heads) programs, each reading its part of the keys and
@@ -84,7 +87,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["lq", "lk", "sl_b", "sl_h", "sc_b", "sc_h"])
     def _column_scores(q_ptr, k_ptr, lse_ptr, col_ptr, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sl_b, sl_h, sc_b, sc_h,
                        lq, lk, hkv, qk_scale, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCKS: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCKS: tl.constexpr, PREC: tl.constexpr,
+                       DIAG_MASK: tl.constexpr):
         kb = tl.program_id(0)
         b = (tl.program_id(1) // hkv).to(tl.int64)  # batch offsets of a long prompt pass 2**31 elements
         j = tl.program_id(1) % hkv
@@ -107,10 +111,15 @@ if triton is not None:
                 m = q0 + it * BLOCK_M + tl.arange(0, BLOCK_M)
                 m_ok = m < lq
                 q = tl.load(q_base + m[:, None] * sq_l + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                # rows past the end: lse +inf, so their exp2(x) is 0 without a mask
                 lse2 = tl.load(l_base + m, mask=m_ok, other=float("inf")) * 1.4426950408889634  # log2 e
-                x = tl.dot(q, kt, input_precision=PREC) * qk_scale - lse2[:, None]
-                seen = (n[None, :] <= first + m[:, None]) & m_ok[:, None]
-                acc += tl.sum(tl.where(seen, tl.exp2(x), 0.0), 0)
+                e = tl.exp2(tl.dot(q, kt, input_precision=PREC) * qk_scale - lse2[:, None])
+                if DIAG_MASK:  # the causal mask only where a row sees part of the block (the diagonal)
+                    if first + q0 + it * BLOCK_M < kb * BLOCK_N + BLOCK_N - 1:
+                        e = tl.where(n[None, :] <= first + m[:, None], e, 0.0)
+                else:
+                    e = tl.where((n[None, :] <= first + m[:, None]) & m_ok[:, None], e, 0.0)
+                acc += tl.sum(e, 0)
         tl.store(col_ptr + b * sc_b + j * sc_h + n, acc, mask=n_ok)
 
     @triton.jit
@@ -322,7 +331,8 @@ def column_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scaling: 
     _column_scores[grid](q, k, lse, col, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                          lse.stride(0), lse.stride(1), col.stride(0), col.stride(1), lq, lk, hkv, scaling * LOG2E,
                          G=hq // hkv, D=d, BLOCK_D=_block(d), BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"],
-                         Q_BLOCKS=triton.cdiv(lq, t["BLOCK_M"]), PREC=_precision(q.dtype), num_warps=t["num_warps"],
+                         Q_BLOCKS=triton.cdiv(lq, t["BLOCK_M"]), PREC=_precision(q.dtype), DIAG_MASK=t["DIAG_MASK"],
+                         num_warps=t["num_warps"],
                          num_stages=t["num_stages"])
     return col
 

@@ -46,6 +46,8 @@ def _reference_columns(q, k, scaling):
 # (batch, query heads, KV heads, chunk rows, keys, head dim, tile): GQA and MHA, a first chunk and
 # later ones, ragged last blocks of rows and keys, a one-row chunk, several blocks per program
 SHAPES = [(2, 8, 2, 37, 37, 32, None), (1, 4, 1, 21, 100, 16, {"BLOCK_M": 16, "BLOCK_N": 32}),
+          (1, 4, 1, 21, 100, 16, {"BLOCK_M": 16, "BLOCK_N": 32, "DIAG_MASK": False}),  # the mask on every block
+          (2, 4, 2, 40, 150, 16, {"BLOCK_M": 16, "BLOCK_N": 16}),  # most blocks below the diagonal
           (2, 2, 2, 5, 70, 32, {"BLOCK_M": 16, "BLOCK_N": 16}), (1, 8, 2, 1, 45, 32, None),
           (1, 8, 2, 50, 50, 64, {"BLOCK_M": 16, "BLOCK_N": 16})]
 
