@@ -399,4 +399,4 @@ def _split_step(q, k_new, v_new, keys, values, scores, pos, free, seen, out, rec
                             acc.stride(3), scores.stride(0), scores.stride(1), pos.stride(0), pos.stride(1), free.stride(0),
                             seen.stride(0), out.stride(0), out.stride(2), slots, splits, recent, DV=dv,
                             BLOCK_P=max(2, triton.next_power_of_2(splits)), S_BLOCKS=triton.cdiv(slots, DECODE_BLOCK_S),
-                            num_warps=4, num_stages=1, **consts)
+                            num_warps=4, num_stages=1, **{**consts, "BLOCK_G": triton.next_power_of_2(g)})  # no tl.dot: no 16-row minimum
