@@ -119,7 +119,9 @@ def plan(tiny: bool) -> list[dict]:
                 framework="infinigen", batch=b, decode="eager", reps=1, gen=S["gen"] // 4, kv_budget=0.2, fetch=fetch)
     ob = 4 if tiny else 16
     # compile layers (the CUDA default) explicitly: the tiny CPU run exercises it too
-    add("overhead", f"overhead/hf-graph/bs{ob}", "overhead", 45, batch=ob, cache="fresh", compile="layers")  # cold cache
+    # cold cache (no verdict: the target is the warm cell), with the import-time profile of the process
+    add("overhead", f"overhead/hf-graph/bs{ob}", "overhead", 45, batch=ob, cache="fresh", compile="layers",
+        env={"PYTHONPROFILEIMPORTTIME": "1"})
     add("overhead", f"overhead/hf-graph-warm/bs{ob}", "overhead", 35, batch=ob, cache="reuse", compile="layers")
     # Inductor's compile-worker pool, started when Inductor is imported (16 processes importing torch
     # on a 16-core machine), has nothing to compile on a warm cache: the same cell without it
@@ -457,7 +459,23 @@ def run_overhead(ctx: Ctx, batch: int, cache: str = "fresh", compile: str | None
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res.update(inductor_cache=cache, inductor_cache_dir=str(cache_dir), alloc_conf=env.get("PYTORCH_CUDA_ALLOC_CONF"),
                env=extra_env)
+    if env.get("PYTHONPROFILEIMPORTTIME"):
+        res["slowest_imports"] = slowest_imports(p.stderr)
     return res
+
+
+def slowest_imports(stderr: str, n: int = 25) -> dict:
+    """`python -X importtime`'s report -> the n modules of largest own import time and the n
+    imports of largest cumulative time that were asked for by the program itself (s), slowest first."""
+    own, top = [], []
+    for line in stderr.splitlines():
+        parts = line.split("|")
+        if line.startswith("import time:") and len(parts) == 3 and parts[0].split(":")[1].strip().isdigit():
+            name = parts[2].strip()
+            own.append((name, int(parts[0].split(":")[1]) / 1e6))
+            if len(parts[2]) - len(parts[2].lstrip()) <= 1:  # not nested in another module's import
+                top.append((name, int(parts[1]) / 1e6))
+    return {"own_s": sorted(own, key=lambda r: -r[1])[:n], "top_level_cumulative_s": sorted(top, key=lambda r: -r[1])[:n]}
 
 
 def overhead_child(tiny: bool, batch: int, t0: float, compile: str | None) -> None:
