@@ -21,6 +21,10 @@ Decode appends (the new token's K/V, device -> host) run on a third stream: the 
 never waits for a device -> host copy, whose latency grows while the gathers keep PCIe busy;
 every reader of a layer's host rows (gather, full copy) waits on that layer's append event
 instead. Prefill appends stay on the compute stream (see append).
+Graph decode (cache.py): the same streams inside one captured step, forked from the compute
+stream by events and joined back at its end (join); appends are written on the compute stream
+through the store's device alias at a device-side position (append_at), full layers fetched by
+the Triton gather of a device-side row count (launch_full_static), no timing events.
 CPU device: the same code without streams, index_select on the host store itself, so every step
 but the zero-copy alias is exercised by the CPU tests (the Triton kernel runs there under
 Triton's interpreter).
