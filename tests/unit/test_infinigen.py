@@ -475,6 +475,10 @@ def test_adapter_runs_a_cell_with_metrics():
     assert m.extra["attn_implementation"] == "infinigen_eager"
     assert m.extra["fetched_tokens_per_seq_layer_speculated"] <= 5
     assert m.kv_cache_bytes > 0 and m.extra["host_kv_bytes"] > 0
+    g = adapter.run(CellSpec.from_dict({**spec.to_dict(), "decode": "graph"}))  # a whole cell in graph decode
+    assert g.extra["decode"] == "graph" and g.extra["infinigen_graph_fallback"] is None
+    assert g.extra["graph_decode_steps"] == g.extra["decode_steps"] > 0
+    assert g.extra["fetched_tokens_per_step"] == m.extra["fetched_tokens_per_step"]
 
 
 # -- prefill is prefill whatever the chunking (issue #10 items 2, 3) ------------------------
