@@ -189,7 +189,16 @@ def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None) -> dict:
         e.generate(prompts, 4)  # the runner's warm-up: same shapes, captures the step
         warm = time.perf_counter() - t0
         policy.reset_metrics()
-        times = e.generate(prompts, gen)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as syncs:  # torch's check: implicit host syncs (prefill included)
+            warnings.simplefilter("always")
+            ctx.torch.cuda.set_sync_debug_mode("warn")
+            try:
+                times = e.generate(prompts, gen)
+            finally:
+                ctx.torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message)[:200] for w in syncs if "synchroniz" in str(w.message).lower()]
         steps = [b - a for a, b in zip(times, times[1:])]
         m = policy.metrics()
         return {"step_ms": statistics.median(steps) * 1e3, "step_ms_mean": (times[-1] - times[0]) / (gen - 1) * 1e3,
@@ -197,7 +206,8 @@ def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None) -> dict:
                 "fetched_bytes_per_step": m["fetched_bytes_per_step"], "decode_steps": m["decode_steps"],
                 "graph_decode_steps": m["graph_decode_steps"], "fallback": m["infinigen_graph_fallback"],
                 "fetched_tokens_per_seq_layer_speculated": m["fetched_tokens_per_seq_layer_speculated"],
-                "peak_gpu_mem_gb": ctx.torch.cuda.max_memory_allocated() / 1e9, "spec": s.to_dict()}
+                "peak_gpu_mem_gb": ctx.torch.cuda.max_memory_allocated() / 1e9, "spec": s.to_dict(),
+                "host_syncs_in_measured_batch": len(syncs), "host_sync_examples": sorted(set(syncs))[:3]}
     finally:
         release(ctx, model, policy)
         ctx.torch.cuda.reset_peak_memory_stats()
@@ -325,7 +335,8 @@ def summary(out: Path) -> int:
         line = f"{name:38s} {status:7s}"
         if "step_ms" in r:
             line += f" step {r['step_ms']:.2f} ms (p90 {r['step_ms_p90']:.2f}), fetched {r['fetched_bytes_per_step'] / 1e6:.1f} MB/step," \
-                    f" graphs {r['graph'].get('decode_graphs')}, graph steps {r['graph_decode_steps']}/{r['decode_steps']}"
+                    f" graphs {r['graph'].get('decode_graphs')}, graph steps {r['graph_decode_steps']}/{r['decode_steps']}," \
+                    f" host syncs {r['host_syncs_in_measured_batch']} (prefill + {r['decode_steps']} steps)"
         if "max_abs_logit_diff" in r:
             line += f" max|dlogit| {r['max_abs_logit_diff']:.2e}"
             line += f" tokens {'equal' if r.get('tokens_equal') else r.get('token_agreement')}"
