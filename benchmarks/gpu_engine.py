@@ -28,7 +28,8 @@ soon as it is measured, and a variant's exception is recorded and the next one r
              prefill chunk: score kernel tiles vs flash; a 32-layer decode step: fused vs torch path)
   ttft       h2o chunked prefill (its Triton score kernel on CUDA) vs hf flash prefill at 32K
   ttft128k   the same at 131 064 tokens
-  infinigen  budget 0.2 at batch 1/8/32, with and without fetch (its decode is eager)
+  infinigen  budget 0.2 at batch 1/8/32, with and without fetch: graph decode (captured), then eager
+             (benchmarks/gpu_infinigen_graph.py checks graph == eager on the GPU first)
   overhead   a fresh process: imports + 8B build + warm-up batch with the capture (bs 16), with
              compile layers on an empty Inductor cache (cold: the first cell of a run), again on
              that cache (warm: every later cell of the model and batch), the warm one again without
@@ -113,6 +114,10 @@ def plan(tiny: bool) -> list[dict]:
             reps=2, kernel="matmul")
     add("engine", f"h2o/eager/bs{S['hf_batches'][1]}", "decode", 10, framework="h2o", batch=S["hf_batches"][1],
         decode="eager", reps=1, gen=S["gen"] // 4, kv_budget=0.2)
+    for b in S["ig_batches"]:  # graph decode first (the captured step: frameworks/infinigen/cache.py)
+        for fetch in (True, False):
+            add("infinigen", f"infinigen/graph-{'fetch' if fetch else 'nofetch'}/bs{b}", "decode", 15 + 0.5 * b,
+                framework="infinigen", batch=b, decode="graph", reps=2 if fetch else 1, kv_budget=0.2, fetch=fetch)
     for b in S["ig_batches"]:
         for fetch in (True, False):
             add("infinigen", f"infinigen/{'fetch' if fetch else 'nofetch'}/bs{b}", "decode", 12 + 0.3 * b,
@@ -279,7 +284,8 @@ def run_decode(ctx: Ctx, framework, batch, decode, reps, gen=None, kv_budget=1.0
         if framework == "infinigen":
             m = policy.metrics()
             res["fetched_bytes_per_step"] = m.get("fetched_bytes_per_step")
-            res["infinigen"] = {k: m.get(k) for k in ("fetched_tokens_per_step", "gather_bandwidth_gbps", "decode_steps")}
+            res["infinigen"] = {k: m.get(k) for k in ("fetched_tokens_per_step", "gather_bandwidth_gbps", "decode_steps",
+                                                      "graph_decode_steps", "infinigen_graph_fallback")}
         return res
     finally:
         attention.decode_kernel = "sdpa"

@@ -69,7 +69,9 @@ FRAMEWORKS: dict[str, Framework] = {
                                   "speculation_input", "partial_columns", "min_fetch"}),
             policy_check="frameworks.infinigen.options:check",
             on_engine=True,
-            decode_modes=("eager",),  # its step has host-side transfer bookkeeping: not captured yet
+            # eager stays the default (the ids of its cells as they were) until graph decode, captured on
+            # CUDA (frameworks/infinigen/cache.py), is verified on the GPU (benchmarks/gpu_infinigen_graph.py)
+            decode_modes=("eager", "graph"),
         ),
         Framework(
             name="vllm",

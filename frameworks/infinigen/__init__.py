@@ -7,7 +7,8 @@ score is within `alpha` of the maximum, capped by a KV budget, are gathered on a
 a GPU kernel reading the pinned host store through its unified-virtual-address alias (only the
 selected rows cross PCIe). Selection keeps static shapes (budget-sized, padded and masked), so
 the decode loop never waits on the device. The first `full_layers` layers load their whole
-cache, as upstream.
+cache, as upstream. Graph decode (`decode: graph`) runs the same step on device-side positions
+(cache.py), so that the engine captures it once per cache as one CUDA graph and replays it.
 
 One concern per file:
   arch.py       model-family glue (Llama-3.x / OPT): where q, norms, RoPE live

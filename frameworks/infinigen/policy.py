@@ -2,6 +2,11 @@
 
 Policy keys and defaults: options.py. kv_budget = 1 and alpha = inf fetch everything: the
 full-cache result.
+
+Decode modes: `eager` (the default) runs the step as the paper's port did, host-side lengths;
+`graph` runs it on device-side positions (cache.py, graph decode), captured once per cache by the
+engine on CUDA and replayed. A cell whose options cannot be captured (`graph_fallback` says why,
+the result's extra `infinigen_graph_fallback`) runs the eager step at every step of `graph`.
 """
 
 from __future__ import annotations
@@ -43,13 +48,30 @@ class InfiniGenPolicy(KVPolicy):
         """KV budget in tokens per sequence and kv head, for a sequence of `length` tokens:
         max_num_kv, else kv_budget x the cell's whole sequence (budget_rule fixed: upstream's
         fixed cap) or x the current length (current)."""
-        if self.max_num_kv is not None:
-            cap = self.max_num_kv
-        elif self.opts.budget_rule == "fixed":
-            cap = int(round(self.kv_budget * (self.spec.prompt_len + self.spec.gen_len), 6))
-        else:
+        cap = self.fixed_cap()
+        if cap is None:
             cap = int(round(self.kv_budget * length, 6))
         return max(1, min(cap, length))
+
+    def fixed_cap(self) -> int | None:
+        """The budget's token count when it does not depend on the length (None: budget_rule current)."""
+        if self.max_num_kv is not None:
+            return self.max_num_kv
+        if self.opts.budget_rule == "fixed":
+            return int(round(self.kv_budget * (self.spec.prompt_len + self.spec.gen_len), 6))
+        return None
+
+    def _graph_fallback(self) -> str | None:
+        """Why this cell's graph decode cannot be captured (None: it can)."""
+        if self.decode != "graph":
+            return None
+        if self.fixed_cap() is None:
+            return ("budget_rule 'current': the KV budget grows with the sequence, so the fetch's size changes "
+                    "every step; graph decode runs the eager step at every step (not captured)")
+        if self.transfer.cuda and self.transfer.gather != "triton":
+            return (f"gather {self.transfer.gather!r}: graph decode on CUDA fetches the full layers' growing prefix "
+                    "with the Triton gather (a device-side row count); it runs the eager step at every step (not captured)")
+        return None
 
     # -- load time ------------------------------------------------------------------------
     def prepare(self, model) -> None:
@@ -68,6 +90,7 @@ class InfiniGenPolicy(KVPolicy):
         self.transfer = Transfer(self.device, fetch=self.fetch, gather=self.gather)
         if self.transfer.cuda and self.transfer.gather == "triton":
             kernels.self_check(self.device)  # builds the kernel now: a missing compiler fails at load
+        self.graph_fallback = self._graph_fallback()
 
     def _pre_hook(self, i: int, module, args, kwargs):
         cache = kwargs.get("past_key_values")
@@ -76,8 +99,28 @@ class InfiniGenPolicy(KVPolicy):
             cache.on_layer_start(i, hidden, kwargs.get("position_embeddings"))
 
     # -- per batch --------------------------------------------------------------------------
+    @property
+    def static(self) -> bool:
+        """Graph decode on device positions (captured on CUDA)."""
+        return self.decode == "graph" and self.graph_fallback is None
+
+    @property
+    def decode_mask(self) -> bool:
+        return False  # the cache masks what it fetched (the attention's bias)
+
+    def begin_decode(self, cache) -> None:
+        cache.begin_decode()
+
+    def graph_ready(self, cache) -> bool:
+        return cache.decoding  # False: the eager step, every step (graph_fallback)
+
     def new_cache(self, model, batch_size: int, max_len: int, prompt_len: int) -> InfiniGenCache:
         a = self.arch
+        key = (batch_size, max_len, prompt_len)
+        cache = self._static.get(key)
+        if cache is not None and cache.store is self._store:  # same buffers: the captured step holds
+            cache.reset()
+            return cache
         shape = (a.n_layers, max_len, batch_size, a.n_kv_heads, a.head_dim, self.dtype)
         if self._store is None or not self._store.fits(*shape):
             # sized for the cell's longest batch at once, so the warm-up's store is reused
@@ -85,8 +128,12 @@ class InfiniGenPolicy(KVPolicy):
             if self._store is not None:
                 self._store.close()
                 self._store = None
-            self._store = HostStore(*shape, pin=self.transfer.cuda, device=self.device)
-        return InfiniGenCache(self, self._store, batch_size, max_len, prompt_len)
+            self._store = HostStore(*shape, pin=self.transfer.cuda, device=self.device, zero=self.static)
+        cache = InfiniGenCache(self, self._store, batch_size, max_len, prompt_len, static=self.static)
+        if self.static:
+            self._static.clear()  # one shape at a time, as KVPolicy.new_cache
+            self._static[key] = cache
+        return cache
 
     def reset_metrics(self) -> None:
         self.transfer.reset_stats()
@@ -96,7 +143,20 @@ class InfiniGenPolicy(KVPolicy):
 
     def metrics(self) -> dict:
         t = self.transfer
-        s = t.stats
+        s = dict(t.stats)
+        # graph decode counts on the device (replayed steps run no Python): read once, here
+        g_steps, g_full, g_sparse = t.counts.tolist()
+        t.counts.zero_()  # folded into the host counters now
+        s["graph_steps"] = s.get("graph_steps", 0) + g_steps
+        captured = s["graph_steps"] > 0
+        s["steps"] += g_steps
+        s["full_tokens"] += g_full
+        s["sparse_fetches"] += g_sparse
+        if t.fetch and t.cuda:  # one token of a sequence, all kv heads: K and V (CPU: the store is read in place)
+            s["bytes"] += g_full * self.arch.n_kv_heads * 2 * self.arch.head_dim * (torch.finfo(self.dtype).bits // 8)
+        if t.fetch:
+            s["gather_bytes"] += g_sparse * s["static_gather_bytes"]
+        t.stats.update(s)
         steps = max(s["steps"], 1)
         sparse_layers = len(self.skews)
         selected = t.selected_tokens()  # rows per (sequence, kv head), summed over speculated fetches
@@ -113,7 +173,9 @@ class InfiniGenPolicy(KVPolicy):
                 "gather": ("uva-" if t.cuda else "cpu-") + t.gather,
                 "fetch": t.fetch,
             },
+            "infinigen_graph_fallback": self.graph_fallback,  # None: graph decode on device positions (or eager)
             "decode_steps": s["steps"],
+            "graph_decode_steps": s["graph_steps"],  # of them on device positions (graph decode)
             # tokens: one token of one sequence, all its kv heads (the speculated layers fetch the
             # same count k for every sequence and head, as upstream)
             "fetched_tokens_per_step": (s["full_tokens"] + selected * batch) / steps,
@@ -124,9 +186,10 @@ class InfiniGenPolicy(KVPolicy):
             # the selected rows alone are the second figure
             "fetched_bytes_per_step": (full_bytes + gathered) / steps,
             "selected_bytes_per_step": (full_bytes + (selected * batch * s["row_bytes"] if t.fetch else 0)) / steps,
-            "h2d_bandwidth_gbps": t.measured_bandwidth_gbps(),
-            "gather_bandwidth_gbps": t.measured_bandwidth_gbps(sparse=True),
-            "gather_ms_per_step": t.gather_ms() / steps,
+            # CUDA graph decode times no transfer (a captured step has no timing events): None
+            "h2d_bandwidth_gbps": None if captured and t.cuda else t.measured_bandwidth_gbps(),
+            "gather_bandwidth_gbps": None if captured and t.cuda else t.measured_bandwidth_gbps(sparse=True),
+            "gather_ms_per_step": None if captured and t.cuda else t.gather_ms() / steps,
             "host_kv_bytes": self._store.nbytes if self._store else 0,
             "speculated_layers": sparse_layers,
         }

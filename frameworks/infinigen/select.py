@@ -24,17 +24,24 @@ def scores(partial_q: torch.Tensor, partial_k: torch.Tensor) -> torch.Tensor:
     return torch.matmul(partial_q, partial_k.transpose(-1, -2)).float()
 
 
-def select(logits: torch.Tensor, alpha: float, cap: int, min_fetch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def select(logits: torch.Tensor, alpha: float, cap: int, min_fetch: int = 0,
+           limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, Hkv, G, L] -> (idx [B, Hkv, min(cap, L)] by decreasing score, k: 0-d long).
 
     Use the first k indices of every row; k in [min(min_fetch, cap), min(cap, L)]. `cap` is the
     KV budget in tokens; k = 0 (upstream, alpha = 0: no token is above the maximum) fetches none.
+    limit (graph decode: L is the whole preallocated cache, logits of positions not written yet
+    are -inf): a 0-d device tensor, the budget at the real length (<= cap), bounding k instead of cap.
     """
     b, hkv, g, length = logits.shape
     cap = max(1, min(cap, length))
     top = logits.amax(dim=-1, keepdim=True)
     total = (logits > top - alpha).sum()  # sum over rows of each row's count: one reduction
-    k = torch.div(total, b * hkv * g, rounding_mode="floor").clamp_(min(min_fetch, cap), cap)
+    k = torch.div(total, b * hkv * g, rounding_mode="floor")
+    if limit is None:
+        k = k.clamp_(min(min_fetch, cap), cap)
+    else:
+        k = torch.minimum(torch.maximum(k, limit.clamp(max=min_fetch)), limit)
     per_kv = logits.amax(dim=2)  # [B, Hkv, L]
     idx = per_kv.topk(cap, dim=-1).indices
     return idx, k

@@ -65,9 +65,10 @@ def device_view(host: torch.Tensor, device: torch.device | str = "cuda") -> torc
 
 class HostStore:
     def __init__(self, n_layers: int, max_len: int, batch: int, kv_heads: int, head_dim: int, dtype, pin: bool,
-                 device: torch.device | str = "cuda"):
+                 device: torch.device | str = "cuda", zero: bool = False):
         self.shape = (n_layers, max_len, batch, kv_heads, 2, head_dim)
-        self.kv = torch.empty(self.shape, dtype=dtype)
+        # zero: graph decode reads rows not written yet (masked: they must be finite, never NaN)
+        self.kv = (torch.zeros if zero else torch.empty)(self.shape, dtype=dtype)
         self._registered = False
         self.dev = None  # CUDA: device_view(self.kv)
         if pin:

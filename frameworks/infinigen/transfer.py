@@ -21,6 +21,10 @@ Decode appends (the new token's K/V, device -> host) run on a third stream: the 
 never waits for a device -> host copy, whose latency grows while the gathers keep PCIe busy;
 every reader of a layer's host rows (gather, full copy) waits on that layer's append event
 instead. Prefill appends stay on the compute stream (see append).
+Graph decode (cache.py): the same streams inside one captured step, forked from the compute
+stream by events and joined back at its end (join); appends are written on the compute stream
+through the store's device alias at a device-side position (append_at), full layers fetched by
+the Triton gather of a device-side row count (launch_full_static), no timing events.
 CPU device: the same code without streams, index_select on the host store itself, so every step
 but the zero-copy alias is exercised by the CPU tests (the Triton kernel runs there under
 Triton's interpreter).
@@ -90,8 +94,16 @@ class Transfer:
 
     def reset_stats(self) -> None:
         self.stats = {"full_tokens": 0, "bytes": 0, "gather_bytes": 0, "gather_s": 0.0, "sparse_fetches": 0,
-                      "steps": 0, "row_bytes": 0, "batch": 0}
-        self._k_sum = torch.zeros((), dtype=torch.long, device=self.device)  # selected rows per (seq, head), summed
+                      "steps": 0, "row_bytes": 0, "batch": 0, "static_gather_bytes": 0}
+        if hasattr(self, "_k_sum"):  # zeroed in place: a captured decode step adds to these very tensors
+            self._k_sum.zero_()
+            self.counts.zero_()
+        else:
+            self._k_sum = torch.zeros((), dtype=torch.long, device=self.device)  # selected rows per (seq, head), summed
+            # graph decode's counters, kept on the device (replayed steps run no Python): decode steps,
+            # full-layer tokens used (x sequences), speculated fetches
+            self.counts = torch.zeros(3, dtype=torch.long, device=self.device)
+        self._forked: list = []  # side streams that joined the compute stream's work since the last join()
         self._timed: list[tuple[object, object, object, bool]] = []  # start, end, bytes, speculated layer
 
     # -- stream helpers -----------------------------------------------------------------
@@ -104,9 +116,25 @@ class Transfer:
         ready = torch.cuda.Event()
         ready.record()
         self.spec_stream.wait_event(ready)
+        self._fork(self.spec_stream)
         for t in tensors:
             t.record_stream(self.spec_stream)
         return ready
+
+    def _fork(self, stream) -> None:
+        if stream not in self._forked:
+            self._forked.append(stream)
+
+    def join(self) -> None:
+        """The compute stream waits for every side stream that followed it since the last join: the
+        end of a graph-mode decode step (a captured graph must end where it began, on the capture
+        stream: its side-stream branches join it again; waiting on a stream that never forked from
+        the capture would wait on work outside the graph, which capture forbids)."""
+        if self.cuda:
+            current = torch.cuda.current_stream()
+            for stream in self._forked:
+                current.wait_stream(stream)
+        self._forked = []
 
     def append(self, store, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """New tokens' K/V [B, Hkv, n, d] (device) -> host store tokens start..start+n. CUDA: packed
@@ -169,11 +197,55 @@ class Transfer:
         keys, values = (src[..., w, :].permute(1, 2, 0, 3) for w in (0, 1))
         return Fetched(keys, values, ready, length, nbytes)
 
+    # -- graph decode: positions and lengths on the device ------------------------------
+    def append_at(self, store, layer: int, position: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Graph decode: the step's token K/V [B, Hkv, 1, d] -> host store row `position` (a 1-element
+        device tensor), on the compute stream: on CUDA a kernel writes the page-locked store through
+        its device alias. Every reader of the row runs in a later step (the step ends joined)."""
+        target = store.kv if store.dev is None else store.dev
+        target[layer].index_copy_(0, position, store.pack(key, value))
+
+    def launch_full_static(self, store, layer: int, tokens: torch.Tensor, dev: torch.Tensor | None,
+                           rows: torch.Tensor | None, positions: torch.Tensor, bias: torch.Tensor):
+        """Graph decode: tokens 0..`tokens` (0-d device tensor) of a full layer. The attention reads
+        the whole max_len buffer; `bias` [max_len] (0 / -inf) hides the rows at positions >= tokens.
+        CUDA: the Triton gather reads the first tokens x lanes rows of the token-major store (one
+        contiguous range, the same bytes as eager's copy of the prefix) into `dev` [max_len, B, Hkv,
+        2, d] on the copy stream; rows = arange(max_len x lanes) [1, n] (the kernel's index).
+        CPU: the store itself is the buffer (bias only). Returns the CUDA event after it (or None)."""
+        if not self.cuda:
+            torch.where(positions < tokens, self._zero, self._ninf, out=bias)
+            return None
+        lanes = store.batch * store.shape[3]
+        count = tokens * lanes  # rows, made on the compute stream before the copy stream follows it
+        after = torch.cuda.Event()
+        after.record()
+        self.copy_stream.wait_event(after)
+        self._fork(self.copy_stream)
+        for t in (tokens, count):
+            t.record_stream(self.copy_stream)
+        with torch.cuda.stream(self.copy_stream):
+            torch.where(positions < tokens, self._zero, self._ninf, out=bias)
+            if self.fetch:
+                kernels.gather_selected(store.gather_source(layer), rows, count, dev.view(-1, dev.shape[-1] * 2),
+                                        self.gather_programs)
+            ready = torch.cuda.Event()
+            ready.record()
+        return ready
+
+    def count_step(self, per_step: torch.Tensor, per_token: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Graph decode: counts += per_step + per_token x tokens (all [3] long, tokens 0-d), on the device."""
+        self.counts.add_(per_step)
+        self.counts.add_(per_token * tokens)
+
     # -- speculated layers --------------------------------------------------------------
     def launch_sparse(self, store, layer: int, slot, speculate, hidden: torch.Tensor, extra=(),
-                      keep_pos: torch.Tensor | None = None, lane: torch.Tensor | None = None) -> Fetched:
+                      keep_pos: torch.Tensor | None = None, lane: torch.Tensor | None = None,
+                      static: bool = False) -> Fetched:
         """speculate() -> (idx [B, Hkv, cap], k 0-d) runs on the side stream after `hidden` (and
-        the `extra` tensors) are ready; the gather follows on the same stream. Returns at once."""
+        the `extra` tensors) are ready; the gather follows on the same stream. Returns at once.
+        static (graph decode): no timing events (a captured step cannot time itself) and no wait
+        for appends (graph decode appends on the compute stream, see append_at)."""
         b, hkv, d = store.batch, store.shape[3], store.shape[-1]
         after = self.follow_compute(hidden, *extra)
         with torch.cuda.stream(self.spec_stream) if self.cuda else contextlib.nullcontext():
@@ -191,8 +263,9 @@ class Transfer:
             dst = slot.dev[:n]  # [n, 2d] contiguous: key | value of each (sequence, head, position)
             ready, nbytes = None, 0
             if self.fetch:
-                self.after_appends(layer)
-                start, end = self._events()
+                if not static:
+                    self.after_appends(layer)
+                start, end = self._events() if not static else (None, None)
                 t0 = time.perf_counter()
                 if start is not None:
                     start.record()
@@ -203,6 +276,7 @@ class Transfer:
                 else:  # all cap rows, padding included
                     gather(store.gather_source(layer), select.flat_rows(idx, b, hkv, lane), dst)
                     nbytes = timed_bytes = dst.numel() * dst.element_size()
+                    self.stats["static_gather_bytes"] = nbytes  # per fetch: graph decode counts fetches on the device
                 if self.cuda:
                     ready = end if end is not None else torch.cuda.Event()
                     ready.record()

@@ -1,4 +1,5 @@
-"""Graph decode (static shapes, one captured step) equals eager decode, for every policy, batch > 1.
+"""Graph decode (static shapes, one captured step) equals eager decode, for every policy (hf, h2o,
+infinigen), batch > 1.
 
 CPU has no CUDA graphs: the static-shape step runs eagerly here (the capture itself is checked by
 benchmarks/gpu_engine.py on a GPU). Tolerance: float32 logits within rtol 1e-4 / atol 1e-4 (the
@@ -19,6 +20,8 @@ from frameworks.h2o.policy import H2OPolicy
 from frameworks.harness.spec import CellSpec, SpecError
 from frameworks.hf.engine import Engine
 from frameworks.hf.policy import KVPolicy
+from frameworks.infinigen import kernels
+from frameworks.infinigen.policy import InfiniGenPolicy
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -76,13 +79,69 @@ def test_h2o_graph_ready_only_once_slots_are_full():
 def test_decode_key_defaults_and_ids():
     assert spec("hf", None).decode == "graph" and spec("hf", None).cell_id == "bs3_in25_out9_kv1_sdpa"
     assert spec("hf", "eager").cell_id.endswith("_deceager")
-    assert CellSpec.from_dict(dict(experiment="t", framework="infinigen", model="tiny-llama-3.1", kv_budget=0.2,
-                                   prefill="flash", device="cpu")).decode == "eager"
+    ig = dict(experiment="t", framework="infinigen", model="tiny-llama-3.1", kv_budget=0.2, prefill="flash", device="cpu")
+    assert CellSpec.from_dict(ig).decode == "eager"  # its default until graph decode is verified on a GPU
+    assert CellSpec.from_dict({**ig, "decode": "graph"}).cell_id.endswith("_decgraph")
     with pytest.raises(SpecError, match="supports decode"):
         spec("hf", "compiled")
-    with pytest.raises(SpecError, match="infinigen supports decode"):  # not captured yet: said, not ignored
-        CellSpec.from_dict(dict(experiment="t", framework="infinigen", model="tiny-llama-3.1", kv_budget=0.2,
-                                prefill="flash", device="cpu", decode="graph"))
+
+
+IG_COUNTERS = ("decode_steps", "fetched_tokens_per_step", "fetched_tokens_per_step_speculated",
+               "fetched_tokens_per_seq_layer_speculated", "selected_bytes_per_step", "fetched_bytes_per_step")
+
+
+class _TritonGatherPolicy(InfiniGenPolicy):
+    gather = "triton"  # the CUDA default gather, under Triton's interpreter here
+
+
+@pytest.mark.parametrize("model,prefill,kw,cls", [
+    ("tiny-llama-3.1", "eager", {"kv_budget": 0.4}, InfiniGenPolicy),
+    ("tiny-llama-3.2-3b", "chunked", {"kv_budget": 0.4}, InfiniGenPolicy),  # 3 layers: slots alternate
+    ("tiny-llama-3.2-3b", "eager", {"kv_budget": 0.3, "policy": {"full_layers": 2, "speculation_input": "next_norm",
+                                                                  "min_fetch": 2}}, InfiniGenPolicy),
+    ("tiny-llama-3.1", "chunked", {"kv_budget": 0.4, "policy": {"full_layers": 2}}, InfiniGenPolicy),  # last layer full
+    ("tiny-opt", "chunked", {"kv_budget": 0.4, "policy": {"partial_columns": "warmup"}}, InfiniGenPolicy),
+    # a budget above the prompt (30 > 25 tokens): it grows with the length until 30, on the device
+    pytest.param("tiny-llama-3.1", "eager", {"policy": {"max_num_kv": 30, "alpha": float("inf")}}, _TritonGatherPolicy,
+                 marks=pytest.mark.skipif(not kernels.available(), reason="triton is not installed")),
+])
+def test_infinigen_graph_equals_eager(model, prefill, kw, cls):
+    """Graph decode (device-side positions, the step the engine captures on CUDA) = eager decode:
+    logits, greedy tokens, and the counters (kept on the device in graph decode, read once)."""
+    r, ref, ref_tok = run(spec("infinigen", "eager", prefill, model, **kw), cls)
+    e, got, tok = run(spec("infinigen", "graph", prefill, model, **kw), cls)
+    torch.testing.assert_close(got, ref, **TOL)
+    assert torch.equal(tok, ref_tok)
+    assert len(e._steps) == 1 and len(e.policy._static) == 1, "the warm-up and the measured batch share one cache"
+    mr, mg = r.policy.metrics(), e.policy.metrics()
+    assert mg["infinigen_graph_fallback"] is None
+    assert mg["graph_decode_steps"] == mg["decode_steps"] == 3 + 8 and mr["graph_decode_steps"] == 0
+    assert {k: mg[k] for k in IG_COUNTERS} == {k: mr[k] for k in IG_COUNTERS}
+    assert mg["fetched_tokens_per_step_speculated"] > 0 or mg["speculated_layers"] == 0
+
+
+def test_infinigen_graph_fallback_is_recorded():
+    """budget_rule current: the fetch's size changes every step, so graph decode runs the eager
+    step at every step, and the result says so."""
+    kw = {"kv_budget": 0.4, "policy": {"budget_rule": "current"}}
+    _, ref, ref_tok = run(spec("infinigen", "eager", "eager", **kw), InfiniGenPolicy)
+    e, got, tok = run(spec("infinigen", "graph", "eager", **kw), InfiniGenPolicy)
+    assert torch.equal(got, ref) and torch.equal(tok, ref_tok)
+    m = e.policy.metrics()
+    assert "budget_rule 'current'" in m["infinigen_graph_fallback"] and m["graph_decode_steps"] == 0
+    assert not e.policy.graph_ready(e.policy.new_cache(e.model, 3, 34, 25))
+
+
+def test_infinigen_graph_reset_counters_in_place():
+    """reset_metrics after the warm-up: the device counters a captured step adds to are zeroed in
+    place (a new tensor would leave the graph adding to the old one)."""
+    e, _, _ = run(spec("infinigen", "graph", "eager", kv_budget=0.4), InfiniGenPolicy)
+    t = e.policy.transfer
+    counts, k_sum = t.counts, t._k_sum
+    e.policy.reset_metrics()
+    assert t.counts is counts and t._k_sum is k_sum and not counts.any() and int(k_sum) == 0
+    e.generate(np.random.default_rng(3).integers(0, 1000, (3, 25)), 5)
+    assert e.policy.metrics()["decode_steps"] == 4
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])

@@ -398,15 +398,22 @@ class _HostSync(AssertionError):
     pass
 
 
-def test_decode_path_never_reads_the_device_on_the_host(monkeypatch):
+@pytest.mark.parametrize("decode", ["eager", "graph"])
+def test_decode_path_never_reads_the_device_on_the_host(monkeypatch, decode):
     """While InfiniGen's hooks, cache update and decode attention run, no tensor is read on the
     host (.item, int/float/bool of a tensor, .tolist, .cpu/.numpy) and nothing has a
     data-dependent shape (nonzero, masked_select, boolean-mask indexing): on CUDA each would
-    be a device->host synchronisation. CPU stand-in for torch.cuda.set_sync_debug_mode."""
+    be a device->host synchronisation. CPU stand-in for torch.cuda.set_sync_debug_mode.
+    Graph decode: the whole step the engine captures (the model's forward, transformers' own
+    code included) and begin_decode, where a sync would break the capture."""
+    from frameworks.hf.graph import DecodeStep
     from frameworks.infinigen import attention
     from frameworks.infinigen.cache import InfiniGenCache
 
-    eng, policy, model = _engine(_spec(LLAMA, kv_budget=0.3, alpha=3.0), InfiniGenPolicy)
+    spec = _spec(LLAMA, kv_budget=0.3, alpha=3.0)
+    if decode == "graph":
+        spec = CellSpec.from_dict({**spec.to_dict(), "prefill": "eager", "decode": decode})
+    eng, policy, model = _engine(spec, InfiniGenPolicy)
     state = {"on": 0, "calls": 0}
 
     def guard(fn):
@@ -448,8 +455,12 @@ def test_decode_path_never_reads_the_device_on_the_host(monkeypatch):
 
     monkeypatch.setattr(InfiniGenCache, "layer_update", update)
     monkeypatch.setattr(attention, "decode_attention", guard(attention.decode_attention))
+    if decode == "graph":
+        monkeypatch.setattr(DecodeStep, "_step", guard(DecodeStep._step))
+        monkeypatch.setattr(InfiniGenCache, "begin_decode", guard(InfiniGenCache.begin_decode))
     eng.generate(_prompts(model), 4)
     assert state["calls"] > 3 * policy.arch.n_layers  # the guards did run
+    assert (policy.metrics()["graph_decode_steps"] > 0) == (decode == "graph")
 
 
 # -- errors, adapter ----------------------------------------------------------------------
@@ -475,6 +486,10 @@ def test_adapter_runs_a_cell_with_metrics():
     assert m.extra["attn_implementation"] == "infinigen_eager"
     assert m.extra["fetched_tokens_per_seq_layer_speculated"] <= 5
     assert m.kv_cache_bytes > 0 and m.extra["host_kv_bytes"] > 0
+    g = adapter.run(CellSpec.from_dict({**spec.to_dict(), "decode": "graph"}))  # a whole cell in graph decode
+    assert g.extra["decode"] == "graph" and g.extra["infinigen_graph_fallback"] is None
+    assert g.extra["graph_decode_steps"] == g.extra["decode_steps"] > 0
+    assert g.extra["fetched_tokens_per_step"] == m.extra["fetched_tokens_per_step"]
 
 
 # -- prefill is prefill whatever the chunking (issue #10 items 2, 3) ------------------------
