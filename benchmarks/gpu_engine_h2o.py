@@ -168,7 +168,7 @@ def kernel_timing(ctx) -> dict:
         p["flash_with_lse_ms"] = _cuda_ms(torch, lambda: attention.flash_with_lse(q, k, v, s))
         p["tiles"] = []
         for tile in (kernels.PREFILL_TILE, {**kernels.PREFILL_TILE, "DIAG_MASK": False},  # the first form: mask everywhere
-                     {**kernels.PREFILL_TILE, "num_stages": 3}, {**kernels.PREFILL_TILE, "BLOCK_N": 256, "BLOCK_M": 32},
+                     {**kernels.PREFILL_TILE, "num_stages": 2}, {**kernels.PREFILL_TILE, "BLOCK_N": 256, "BLOCK_M": 32},
                      {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
                      {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
                      {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}):

@@ -47,7 +47,7 @@ LOG2E = math.log2(math.e)
 # times a few other tiles next to this one: benchmarks/gpu_engine.py, group h2o)
 # DIAG_MASK: build the causal mask on the diagonal blocks only (at 128K nearly every block is
 # below it); False: on every block, the first form
-PREFILL_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "DIAG_MASK": True}
+PREFILL_TILE = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "DIAG_MASK": True}
 DECODE_BLOCK_S = 64
 # decode_step's two forms: "split" (the default) spreads each (sequence, KV head) over up to
 # DECODE_TARGET_PROGRAMS / (batch x KV heads) programs, each reading its part of the keys and
