@@ -173,3 +173,20 @@ def test_vllm_binds_its_omp_threads_to_the_cells_cores(monkeypatch, pinned, expe
     adapter.cpu_environment(CellSpec(experiment="t", framework="vllm", model="tiny-llama-3.1", device="cpu",
                                      dtype="float32"))
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == expect
+
+
+def test_any_cpu_job_runs_pinned_through_the_cli_and_gpu_jobs_as_they_are(tmp_path):
+    # the trainer's wrapper (workflow/rules/models.smk): CMD on cores of its own, or untouched on a GPU
+    env = {**os.environ, "KVSTUDY_CPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(REPO)}
+    env.pop("SLURM_JOB_ID", None)
+    show = [sys.executable, "-c", "import os, json; print(json.dumps([sorted(os.sched_getaffinity(0)), "
+                                  "os.environ.get('KVSTUDY_CPU_CORES')]))"]
+    for gpus, pinned in (("0", True), ("1", False)):
+        p = subprocess.run([sys.executable, "-m", "workflow.lib.cores", "--cpus", "1", "--gpus", gpus, "--", *show],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        affinity, named = json.loads(p.stdout)
+        if pinned:
+            assert len(affinity) == 1 and named == str(affinity[0])
+        else:
+            assert affinity == sorted(os.sched_getaffinity(0)) and named is None

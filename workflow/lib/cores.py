@@ -8,15 +8,20 @@ host-wide folder; a cell takes `n` free ones with `flock`, and the launcher pins
 process tree to them (sched_setaffinity before anything is imported; children inherit it).
 The kernel drops a flock when its holder dies, so a killed cell never leaves a core taken.
 
+The launcher (launch.py) pins every CPU cell; `python -m workflow.lib.cores --cpus N -- CMD` runs
+any other CPU job (the trainer) the same way.
+
 A claim of several cores is taken under one short host-wide lock (`alloc.lock`), so two cells
 never each hold half of what both need and wait for the other.
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import fcntl
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,3 +131,40 @@ def claim(cores: list[int], n: int, lock_dir: Path = LOCK_DIR, timeout_s: float 
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {n} free cores among {format_list(cores)} after {timeout_s:g} s")
         time.sleep(poll_s)
+
+
+def pin(n: int, env: dict[str, str], log=lambda msg: None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`n` cores of this job's own: claimed host-wide, this process pinned to them (so is everything
+    it starts afterwards), and named in env[ENV]. Under SLURM the job's cgroup already holds its
+    cores: no claim. Returns the cores and the claim's lock fds (for a child to inherit)."""
+    visible = discover(env)
+    fds: tuple[int, ...] = ()
+    if env.get("SLURM_JOB_ID"):
+        cores = tuple(visible[:n])
+    else:
+        got = claim(visible, n, on_wait=lambda: log(f"fewer than {n} of the cores {format_list(visible)} free: waiting"))
+        cores, fds = got.cores, got.fds  # inheritable: open in the job until its last process ends
+    os.sched_setaffinity(0, cores)
+    env[ENV] = format_list(cores)
+    return cores, fds
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        raise SystemExit("usage: python -m workflow.lib.cores --cpus N [--gpus G] -- CMD ...")
+    cut = argv.index("--")
+    ap = argparse.ArgumentParser(prog="kvstudy-cores")
+    ap.add_argument("--cpus", type=int, required=True, help="cores to claim and pin CMD to")
+    ap.add_argument("--gpus", type=int, default=0, help="GPU jobs (G > 0) are not pinned: CMD runs as is")
+    args = ap.parse_args(argv[:cut])
+    cmd = argv[cut + 1:]
+    env = dict(os.environ)
+    if not args.gpus and args.cpus:
+        cores, _ = pin(args.cpus, env, lambda m: print(f"kvstudy-cores: {m}", file=sys.stderr, flush=True))
+        print(f"kvstudy-cores: on cores {env[ENV]}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    os.execvpe(cmd[0], cmd, env)  # the lock fds stay open in CMD
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -152,20 +152,10 @@ def run(argv: list[str], env: dict[str, str], timeout_s: float, on_stop, pass_fd
 
 
 def pin_cores(n: int, env: dict[str, str], out: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A CPU cell's own `n` cores: claimed host-wide (cores.py), this process pinned to them (so
-    is everything it starts: run-cell, its worker, vLLM's engine core, apptainer), and named to
-    the cell in KVSTUDY_CPU_CORES. Under SLURM the job's cgroup already holds its cores: no claim.
-    Returns the cores and the claim's lock fds (for the cell's process to inherit)."""
-    visible = corelib.discover()
-    fds: tuple[int, ...] = ()
-    if env.get("SLURM_JOB_ID"):
-        cores = tuple(visible[:n])
-    else:
-        got = corelib.claim(visible, n, on_wait=lambda: log(f"fewer than {n} of the cores "
-                                                            f"{corelib.format_list(visible)} free: waiting"))
-        cores, fds = got.cores, got.fds  # inheritable: open in the cell until its last process ends
-    os.sched_setaffinity(0, cores)
-    env[corelib.ENV] = corelib.format_list(cores)
+    """A CPU cell's own `n` cores (cores.py): this process pinned to them, so is everything it
+    starts (run-cell, its worker, vLLM's engine core, apptainer); the cell finds them in
+    KVSTUDY_CPU_CORES."""
+    cores, fds = corelib.pin(n, env, log)
     log(f"{out}: on cores {env[corelib.ENV]}")
     return cores, fds
 
