@@ -190,3 +190,11 @@ def test_any_cpu_job_runs_pinned_through_the_cli_and_gpu_jobs_as_they_are(tmp_pa
             assert len(affinity) == 1 and named == str(affinity[0])
         else:
             assert affinity == sorted(os.sched_getaffinity(0)) and named is None
+
+
+def test_a_system_without_affinity_runs_the_job_unpinned(monkeypatch, tmp_path):
+    # macOS has no sched_setaffinity: the job runs as before, claiming nothing, naming no cores
+    monkeypatch.delattr(cores.os, "sched_setaffinity")
+    env = {"KVSTUDY_CPUS": "0"}
+    assert cores.pin(1, env) == ((), ())
+    assert cores.ENV not in env

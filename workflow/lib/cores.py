@@ -49,6 +49,8 @@ def discover(env: dict | None = None) -> list[int]:
     env = os.environ if env is None else env
     if env.get("KVSTUDY_CPUS"):
         return parse(env["KVSTUDY_CPUS"])
+    if not hasattr(os, "sched_getaffinity"):  # macOS: no affinity to read (nor to set: see pin)
+        return list(range(os.cpu_count() or 1))
     return sorted(os.sched_getaffinity(0))
 
 
@@ -136,7 +138,11 @@ def claim(cores: list[int], n: int, lock_dir: Path = LOCK_DIR, timeout_s: float 
 def pin(n: int, env: dict[str, str], log=lambda msg: None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """`n` cores of this job's own: claimed host-wide, this process pinned to them (so is everything
     it starts afterwards), and named in env[ENV]. Under SLURM the job's cgroup already holds its
-    cores: no claim. Returns the cores and the claim's lock fds (for a child to inherit)."""
+    cores: no claim. Returns the cores and the claim's lock fds (for a child to inherit); on a
+    system without sched_setaffinity (macOS) nothing, and the job runs unpinned."""
+    if not hasattr(os, "sched_setaffinity"):
+        log("this system cannot pin a process to cores: running unpinned")
+        return (), ()
     visible = discover(env)
     fds: tuple[int, ...] = ()
     if env.get("SLURM_JOB_ID"):
@@ -162,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if not args.gpus and args.cpus:
         cores, _ = pin(args.cpus, env, lambda m: print(f"kvstudy-cores: {m}", file=sys.stderr, flush=True))
-        print(f"kvstudy-cores: on cores {env[ENV]}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        if cores:
+            print(f"kvstudy-cores: on cores {env[ENV]}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)  # the lock fds stay open in CMD
 
 

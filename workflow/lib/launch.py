@@ -156,7 +156,8 @@ def pin_cores(n: int, env: dict[str, str], out: str) -> tuple[tuple[int, ...], t
     starts (run-cell, its worker, vLLM's engine core, apptainer); the cell finds them in
     KVSTUDY_CPU_CORES."""
     cores, fds = corelib.pin(n, env, log)
-    log(f"{out}: on cores {env[corelib.ENV]}")
+    if cores:
+        log(f"{out}: on cores {env[corelib.ENV]}")
     return cores, fds
 
 
