@@ -102,6 +102,8 @@ class _Cell:
         self.spec, self.kwargs, self.config, self.prompts = spec, kwargs, config, prompts
         self.extra = {"vllm_version": VERSION, "vllm_package": package_version(),
                       "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"}}
+        if spec.device == "cpu":  # where vLLM would bind its OpenMP threads (the cell's cores when pinned)
+            self.extra["vllm_cpu_omp_threads_bind"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
         # GPU: NVML at device level (the allocator is in the engine core). CPU: no NVML; the
         # model and the KV cache are in the engine-core child when multiprocessing is on, so
         # the RSS of the whole process tree
