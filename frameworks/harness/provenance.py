@@ -67,6 +67,10 @@ def collect(seed: int, with_gpu: bool = True, gpu_memory_cap_gb: float | None = 
         **(_gpu() if with_gpu else {}),
         "gpu_memory_cap_gb": gpu_memory_cap_gb,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        # CPU cells: the cores the launcher gave the cell (workflow/lib/cores.py) and the affinity
+        # this process actually ran with (equal when pinned; every core of the host when run by hand)
+        "cpu_cores": os.environ.get("KVSTUDY_CPU_CORES"),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "image_id": os.environ.get("KVSTUDY_IMAGE_ID"),
         "git": git_state(),
         "host": socket.gethostname(),

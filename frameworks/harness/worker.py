@@ -48,11 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     spec = CellSpec.from_json(args.spec)
     if args.threads:
         # before torch loads its OpenMP runtime, and inherited by any process the engine starts
-        # (vLLM's engine core): every pool of the cell has `threads` threads, not one per core
+        # (vLLM's engine core): every pool of the cell has `threads` threads, not one per core.
+        # The launcher pinned this process tree to the cell's cores (KVSTUDY_CPU_CORES), so the
+        # threads stay there too
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
         import torch
 
         torch.set_num_threads(args.threads)
+        torch.set_num_interop_threads(args.threads)  # else one per core of the host, off the pinned set
     if registry.get(spec.framework).on_engine:
         skip_unused_transformers_extras()
     record = run_and_record(spec, lambda: importlib.import_module(registry.get(spec.framework).adapter).run(spec))

@@ -51,9 +51,27 @@ def cpu_environment(spec) -> None:
     monitor sums the process tree either way. GPU cells keep vLLM's defaults."""
     if spec.device == "cpu":
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        # vLLM binds its OpenMP threads to cores by default; the pipeline runs other cells on
-        # the same cores, and with binding an engine here once failed to exit
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        if os.environ.get(CORES_ENV):  # pinned: the cell's cores, whatever else was set
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(os.environ[CORES_ENV])
+        else:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", omp_threads_bind(None))
+
+
+CORES_ENV = "KVSTUDY_CPU_CORES"  # set by the launcher (workflow/lib/cores.py): this cell's own cores
+
+
+def omp_threads_bind(cores: str | None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for a CPU cell. vLLM's default, `auto`, binds a worker's OpenMP
+    threads to every core of the NUMA node (less one it reserves), the cores the pipeline gives
+    other cells; the launcher pins each cell to cores of its own, and those are the binding
+    (vLLM 0.32.0, utils/ompmultiprocessing.py: a worker process gets OMP_NUM_THREADS = their
+    number and OMP_PLACES / OMP_PROC_BIND, GOMP_CPU_AFFINITY or KMP_AFFINITY on them; applied
+    where the engine starts worker processes: the multiprocessing executor). The CPU cells here
+    run vLLM's one-process executor, where vLLM binds nothing and the launcher's affinity alone
+    confines the engine; the binding keeps an engine with worker processes on the same cores.
+    A cell not pinned (run by hand): `nobind`, as before (with `auto` an engine here once failed
+    to exit)."""
+    return cores or "nobind"
 
 
 def run(spec) -> Measurement:
@@ -84,6 +102,8 @@ class _Cell:
         self.spec, self.kwargs, self.config, self.prompts = spec, kwargs, config, prompts
         self.extra = {"vllm_version": VERSION, "vllm_package": package_version(),
                       "engine_kwargs": {k: v for k, v in kwargs.items() if k != "model"}}
+        if spec.device == "cpu":  # where vLLM would bind its OpenMP threads (the cell's cores when pinned)
+            self.extra["vllm_cpu_omp_threads_bind"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
         # GPU: NVML at device level (the allocator is in the engine core). CPU: no NVML; the
         # model and the KV cache are in the engine-core child when multiprocessing is on, so
         # the RSS of the whole process tree

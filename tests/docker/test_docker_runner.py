@@ -130,12 +130,12 @@ def test_secret_is_never_written(run):
                 assert SECRET.encode() not in f.read_bytes(), f
 
 
-def launch_raw(run, image, *cmd, env=None, timeout=120):
+def launch_raw(run, image, *cmd, env=None, timeout=120, opts=()):
     """The launcher on the plain base image: cmd replaces run-cell's arguments (no entry point)."""
     iid = run / "base.iid"
     iid.write_text(json.loads(docker("image", "inspect", image).stdout)[0]["Id"])
     return subprocess.Popen([sys.executable, "-m", "workflow.lib.launch", "--runner", "docker", "--image",
-                             str(iid), "--gpus", "0", "--", *cmd], cwd=run, env={**os.environ, **(env or {}),
+                             str(iid), "--gpus", "0", *opts, "--", *cmd], cwd=run, env={**os.environ, **(env or {}),
                             "PYTHONPATH": str(run)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -144,6 +144,16 @@ def test_secret_reaches_the_container_by_environment(run, base_image):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert out.split()[0] == hashlib.sha256(SECRET.encode()).hexdigest()
+
+
+def test_cpu_cell_runs_on_its_own_cores_in_the_container(run, base_image):
+    # --cpuset-cpus: the container sees only the cores the launcher claimed, and is told which
+    p = launch_raw(run, base_image, "sh", "-c", 'grep Cpus_allowed_list /proc/self/status; echo "$KVSTUDY_CPU_CORES"',
+                   opts=("--cpus", "1"))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    allowed, named = out.split()[-2:]
+    assert allowed == named and len(named.split(",")) == 1, out
 
 
 def container_gone(name) -> bool:

@@ -74,3 +74,25 @@ def test_rate_cell_honours_arrivals_and_measures_ttft_from_arrival():
     assert all(math.isclose(x["ttft_ms"], (t.token_times_s[0] - t.arrival_s) * 1e3) for x, t in zip(s, m.timings))
     # the last request cannot start before its arrival: the run lasts at least that long
     assert max(t.token_times_s[-1] for t in m.timings) > arrivals[-1]
+
+
+def test_a_pinned_cell_binds_vllm_to_its_cores_and_runs_on_them(tmp_path):
+    # through the launcher as the pipeline runs it: one claimed core, named to vLLM, recorded
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "cell.json"
+    env = {**os.environ, "KVSTUDY_CPU_LOCK_DIR": str(tmp_path / "locks"), "PYTHONPATH": str(REPO)}
+    env.pop("SLURM_JOB_ID", None)
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    p = subprocess.run([sys.executable, "-m", "workflow.lib.launch", "--runner", "local", "--gpus", "0", "--cpus", "1",
+                        "--", "--spec", cell(gen_len=2, warmup=0).to_json(), "--out", str(out), "--threads", "1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["status"] == "ok", r["message"]
+    core = r["provenance"]["cpu_cores"]
+    assert r["extra"]["vllm_cpu_omp_threads_bind"] == core and r["provenance"]["cpu_affinity"] == [int(core)]

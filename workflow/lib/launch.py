@@ -2,6 +2,7 @@
 
     python -m workflow.lib.launch --runner docker --image results/images/hf.iid --gpus 1 \
         -- --spec '<json>' --out results/cells/.../<id>.json --threads 8
+    python -m workflow.lib.launch --runner local --gpus 0 --cpus 1 -- ...   (a CPU cell on a core of its own)
 
 The arguments after `--` are the cell command, the same for every runner:
   local      python -m frameworks.harness.run_cell ARGS    (this Python environment, or --python:
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from frameworks.harness import cputime, lifeline
 from frameworks.harness.lifeline import kill_group
+from workflow.lib import cores as corelib
 from workflow.lib import gpus as gpulib
 
 # runner -> the image file a cell depends on (results/images/<framework>.<ext>; local: none)
@@ -81,7 +83,8 @@ def git_env() -> dict[str, str]:
 
 
 def docker_argv(image_id: str, name: str, uid: int, gid: int, results_dir: Path, gpu: str | None,
-                env: dict[str, str], secret_names: list[str], cell_args: list[str]) -> list[str]:
+                env: dict[str, str], secret_names: list[str], cell_args: list[str],
+                cpus: tuple[int, ...] = ()) -> list[str]:
     argv = ["docker", "run", "--rm", "--name", name, "--init",
             "--hostname", socket.gethostname(),  # provenance names the machine, not a container id
             "--user", f"{uid}:{gid}",  # results belong to the caller, not to the image's user
@@ -89,6 +92,8 @@ def docker_argv(image_id: str, name: str, uid: int, gid: int, results_dir: Path,
             "--shm-size", "16g",  # vLLM's workers talk through shared memory
             "--volume", f"{results_dir.resolve()}:{WORKDIR}/results",
             "--env", "HOME=/tmp"]  # an arbitrary --user has no home in the image
+    if cpus:  # the daemon starts the container: the launcher's own affinity does not reach it
+        argv += ["--cpuset-cpus", corelib.format_list(cpus)]
     if gpu is not None:
         argv += ["--gpus", f"device={gpu}"]
         if gpu.startswith("GPU-"):  # a UUID selects the same GPU inside; provenance records it
@@ -146,6 +151,16 @@ def run(argv: list[str], env: dict[str, str], timeout_s: float, on_stop, pass_fd
     return rc
 
 
+def pin_cores(n: int, env: dict[str, str], out: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A CPU cell's own `n` cores (cores.py): this process pinned to them, so is everything it
+    starts (run-cell, its worker, vLLM's engine core, apptainer); the cell finds them in
+    KVSTUDY_CPU_CORES."""
+    cores, fds = corelib.pin(n, env, log)
+    if cores:
+        log(f"{out}: on cores {env[corelib.ENV]}")
+    return cores, fds
+
+
 def docker_remover(name: str):
     def stop(proc: subprocess.Popen) -> None:
         subprocess.run(["docker", "rm", "--force", name], capture_output=True, timeout=120)
@@ -163,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runner", choices=RUNNERS, default="local")
     ap.add_argument("--image", help="docker: results/images/<fw>.iid; apptainer: results/images/<fw>.sif")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs the cell needs (0 or 1)")
+    ap.add_argument("--cpus", type=int, default=0,
+                    help="CPU cells: the cores the cell gets to itself, pinned (0: not pinned)")
     ap.add_argument("--python", help="local: the Python of the cell's environment (vLLM's venv); default: this one")
     args = ap.parse_args(argv[:cut])
     cell_args = argv[cut + 1:]
@@ -181,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.runner == "local":  # this environment's own settings win
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", str((results_dir / INDUCTOR_CACHE).resolve()))
         env.setdefault("TRITON_CACHE_DIR", str((results_dir / TRITON_CACHE).resolve()))
-    if args.runner == "local" and not args.gpus:  # CPU cell: nothing to claim, nothing to wrap
-        os.execve(python, [python, *CELL_MODULE, *cell_args], env)
+    cpus: tuple[int, ...] = ()
+    cpu_fds: tuple[int, ...] = ()
+    if not args.gpus and args.cpus:
+        cpus, cpu_fds = pin_cores(args.cpus, env, out)
+    if args.runner == "local" and not args.gpus:  # CPU cell: nothing else to claim, nothing to wrap
+        os.execve(python, [python, *CELL_MODULE, *cell_args], env)  # the core locks' fds stay open
 
     claim = None
     gpu = None
@@ -197,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"kvstudy-launch: {e}") from None
             gpu = claim.gpu
         log(f"{out}: on GPU {gpu}")
-    fds = (claim.fd,) if claim else ()
+    fds = ((claim.fd,) if claim else ()) + cpu_fds
 
     log(f"{out}: start ({args.runner})")
     if args.runner == "local":
@@ -209,14 +230,15 @@ def main(argv: list[str] | None = None) -> int:
             args.image if args.runner == "docker" else str(Path(args.image).with_suffix(".iid"))),
                 "TORCHINDUCTOR_CACHE_DIR": f"{WORKDIR}/results/{INDUCTOR_CACHE}",
                 "TRITON_CACHE_DIR": f"{WORKDIR}/results/{TRITON_CACHE}"}
-        if cputime.ENV in env:
-            meta[cputime.ENV] = env[cputime.ENV]
+        for key in (cputime.ENV, corelib.ENV):
+            if key in env:
+                meta[key] = env[key]
         secrets = [k for k in SECRETS if env.get(k)]
         if args.runner == "docker":
             name = container_name(out, results_dir)
             subprocess.run(["docker", "rm", "--force", name], capture_output=True)  # left by a killed run
             cmd = docker_argv(meta["KVSTUDY_IMAGE_ID"], name, os.getuid(), os.getgid(), results_dir, gpu, meta,
-                              secrets, cell_args)
+                              secrets, cell_args, cpus)
             rc = run(cmd, env, timeout_s, docker_remover(name), fds, cleanup=["docker", "rm", "--force", name])
         else:
             cmd = apptainer_argv(args.image, results_dir, gpu, cell_args)

@@ -20,5 +20,7 @@ rule train_model:
         out=lambda wildcards: f"results/models/{wildcards.trained}",
         lengths=get_trainer_eval_lengths,
     shell:
+        # on a CPU, pinned to {threads} cores of its own (workflow/lib/cores.py), as every CPU cell
+        '"$KVSTUDY_PYTHON" -m workflow.lib.cores --cpus {threads} --gpus {resources.gpu} -- '
         '"$KVSTUDY_PYTHON" -m frameworks.accuracy.train --model {wildcards.trained} --out {params.out:q} '
         "--eval-lengths {params.lengths:q} > {log:q} 2>&1"
