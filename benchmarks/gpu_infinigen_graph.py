@@ -53,6 +53,7 @@ def plan(tiny: bool) -> list[tuple[str, float]]:
         return v + compiled
     for b in BATCHES:
         v += [(f"8b/graph-fetch/bs{b}", 12 + 0.6 * b), (f"8b/graph-nofetch/bs{b}", 10 + 0.3 * b)]
+    v += [(f"8b/graph-fetch-fullgrid/bs{b}", 12 + 0.6 * b) for b in BATCHES[1:]]  # the gather's grid, side by side
     v.append(("8b/correct", 25))
     v += compiled
     v += [(f"8b/eager-fetch/bs{b}", 10 + 0.5 * b) for b in BATCHES]
@@ -176,7 +177,7 @@ def check_tiny(ctx, name) -> dict:
     return out
 
 
-def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None) -> dict:
+def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None, programs="default") -> dict:
     from frameworks.harness import workload
 
     model = ctx.model_8b()
@@ -184,6 +185,8 @@ def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None) -> dict:
     policy = None
     try:
         policy, e = engine_for(ctx, s, model, fetch)
+        if programs != "default":  # the Triton gather's grid (kernels.PROGRAMS by default; None: a program per block)
+            policy.transfer.gather_programs = programs
         prompts = workload.prompts(0, batch, 2048, model.config.vocab_size)
         t0 = time.perf_counter()
         e.generate(prompts, 4)  # the runner's warm-up: same shapes, captures the step
@@ -249,6 +252,12 @@ def run_check(ctx, name, results) -> dict:
     kind, b = name.split("/")[1], int(name.rsplit("bs", 1)[1])
     if kind == "graph-fetch":
         return decode_8b(ctx, b, "graph", 256)
+    if kind == "graph-fetch-fullgrid":
+        r = decode_8b(ctx, b, "graph", 256, programs=None)
+        base = results.get(f"8b/graph-fetch/bs{b}", {})
+        if "step_ms" in base:
+            r["step_vs_default_grid"] = r["step_ms"] / base["step_ms"]
+        return r
     if kind == "graph-nofetch":
         r = decode_8b(ctx, b, "graph", 128, fetch=False)
         fetch = results.get(f"8b/graph-fetch/bs{b}", {})

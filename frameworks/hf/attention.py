@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATIONS = {"eager": "kvstudy_eager", "sdpa": "kvstudy_sdpa"}  # by prefill attention
 DECODE_KERNELS = ("sdpa", "matmul")
@@ -54,7 +54,18 @@ def _attention(prefill_fn):
     return attention
 
 
+def eager_mask_capturable(*args, dtype: torch.dtype = torch.float32, **kwargs):
+    """transformers' `eager_mask` (the boolean `sdpa_mask` as 0 / dtype-min), but with its 0 made on
+    the mask's device: the stock one copies a host scalar (`torch.tensor(0.0, device=...)`), which
+    CUDA-graph capture refuses (seen on the H200 for InfiniGen's captured step with eager prefill)."""
+    kwargs.pop("allow_is_causal_skip", None)
+    mask = sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+    if mask is None:
+        return None
+    return torch.where(mask, mask.new_zeros((), dtype=dtype), torch.finfo(dtype).min)
+
+
 AttentionInterface.register(IMPLEMENTATIONS["eager"], _attention(_eager_of))
 AttentionInterface.register(IMPLEMENTATIONS["sdpa"], _attention(lambda module: sdpa_attention_forward))
-AttentionMaskInterface.register(IMPLEMENTATIONS["eager"], eager_mask)  # prefill masks as stock
+AttentionMaskInterface.register(IMPLEMENTATIONS["eager"], eager_mask_capturable)  # prefill masks as stock
 AttentionMaskInterface.register(IMPLEMENTATIONS["sdpa"], sdpa_mask)

@@ -19,7 +19,9 @@ import sys
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from frameworks.hf.attention import eager_mask_capturable
 
 EAGER = "infinigen_eager"
 SDPA = "infinigen_sdpa"
@@ -66,5 +68,5 @@ def _attention(prefill_fn):
 
 AttentionInterface.register(EAGER, _attention(_eager_of))
 AttentionInterface.register(SDPA, _attention(lambda module: sdpa_attention_forward))
-AttentionMaskInterface.register(EAGER, eager_mask)
+AttentionMaskInterface.register(EAGER, eager_mask_capturable)
 AttentionMaskInterface.register(SDPA, sdpa_mask)
