@@ -53,6 +53,7 @@ def plan(tiny: bool) -> list[tuple[str, float]]:
         return v + compiled
     for b in BATCHES:
         v += [(f"8b/graph-fetch/bs{b}", 12 + 0.6 * b), (f"8b/graph-nofetch/bs{b}", 10 + 0.3 * b)]
+    v += [(f"8b/graph-fetch-prio/bs{b}", 12 + 0.6 * b) for b in BATCHES]  # the side stream at high priority
     v += [(f"8b/graph-fetch-fullgrid/bs{b}", 12 + 0.6 * b) for b in BATCHES[1:]]  # the gather's grid, side by side
     v.append(("8b/correct", 25))
     v += compiled
@@ -177,7 +178,7 @@ def check_tiny(ctx, name) -> dict:
     return out
 
 
-def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None, programs="default") -> dict:
+def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None, programs="default", priority=None) -> dict:
     from frameworks.harness import workload
 
     model = ctx.model_8b()
@@ -187,6 +188,8 @@ def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None, programs="defau
         policy, e = engine_for(ctx, s, model, fetch)
         if programs != "default":  # the Triton gather's grid (kernels.PROGRAMS by default; None: a program per block)
             policy.transfer.gather_programs = programs
+        if priority is not None:  # the speculation + gather stream at a higher scheduling priority (< 0)
+            policy.transfer.spec_stream = ctx.torch.cuda.Stream(ctx.device, priority=priority)
         prompts = workload.prompts(0, batch, 2048, model.config.vocab_size)
         t0 = time.perf_counter()
         e.generate(prompts, 4)  # the runner's warm-up: same shapes, captures the step
@@ -252,6 +255,12 @@ def run_check(ctx, name, results) -> dict:
     kind, b = name.split("/")[1], int(name.rsplit("bs", 1)[1])
     if kind == "graph-fetch":
         return decode_8b(ctx, b, "graph", 256)
+    if kind == "graph-fetch-prio":
+        r = decode_8b(ctx, b, "graph", 256, priority=-1)
+        base = results.get(f"8b/graph-fetch/bs{b}", {})
+        if "step_ms" in base:
+            r["step_vs_default_priority"] = r["step_ms"] / base["step_ms"]
+        return r
     if kind == "graph-fetch-fullgrid":
         r = decode_8b(ctx, b, "graph", 256, programs=None)
         base = results.get(f"8b/graph-fetch/bs{b}", {})
