@@ -245,6 +245,10 @@ def check_8b_correct(ctx) -> dict:
             "note": "bf16: a report (a near-tie can flip a greedy token once the summation order differs)"}
 
 
+VARIANTS = {"graph-fetch-prio": ("step_vs_default_priority", {"priority": -1}),  # side stream at high priority
+            "graph-fetch-fullgrid": ("step_vs_default_grid", {"programs": None})}  # a gather program per block
+
+
 def run_check(ctx, name, results) -> dict:
     if name == "rates":
         return check_rates(ctx)
@@ -255,17 +259,12 @@ def run_check(ctx, name, results) -> dict:
     kind, b = name.split("/")[1], int(name.rsplit("bs", 1)[1])
     if kind == "graph-fetch":
         return decode_8b(ctx, b, "graph", 256)
-    if kind == "graph-fetch-prio":
-        r = decode_8b(ctx, b, "graph", 256, priority=-1)
+    if kind in VARIANTS:  # the default graph step with one setting changed, beside it
+        key, kw = VARIANTS[kind]
+        r = decode_8b(ctx, b, "graph", 256, **kw)
         base = results.get(f"8b/graph-fetch/bs{b}", {})
         if "step_ms" in base:
-            r["step_vs_default_priority"] = r["step_ms"] / base["step_ms"]
-        return r
-    if kind == "graph-fetch-fullgrid":
-        r = decode_8b(ctx, b, "graph", 256, programs=None)
-        base = results.get(f"8b/graph-fetch/bs{b}", {})
-        if "step_ms" in base:
-            r["step_vs_default_grid"] = r["step_ms"] / base["step_ms"]
+            r[key] = r["step_ms"] / base["step_ms"]
         return r
     if kind == "graph-nofetch":
         r = decode_8b(ctx, b, "graph", 128, fetch=False)

@@ -17,21 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_engine_h2o import _cuda_ms  # noqa: E402  (the engine benchmark's CUDA-event timer)
 
 from frameworks.infinigen import kernels  # noqa: E402
 from frameworks.infinigen.store import device_view  # noqa: E402
-
-
-def cuda_ms(fn, n=20):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / n
 
 
 def main():
@@ -42,7 +33,7 @@ def main():
     max_len, hkv, w, cap = 2048 + 256, 8, 256, 410  # Llama-3.1-8B, budget 0.2 of 2048
     h = torch.empty(2**30, dtype=torch.uint8, pin_memory=True)
     d = torch.empty_like(h, device="cuda")
-    res["pinned_copy_gbps"] = h.numel() / cuda_ms(lambda: d.copy_(h, non_blocking=True), 5) / 1e6
+    res["pinned_copy_gbps"] = h.numel() / _cuda_ms(torch, lambda: d.copy_(h, non_blocking=True)) / 1e6
     del h, d
     for batch in (1, 8, 32):
         lanes = batch * hkv
@@ -56,12 +47,12 @@ def main():
         nbytes = lanes * cap * w * 2
         row = {"batch": batch, "bytes_per_layer": nbytes}
         for name, programs in (("grid64", kernels.PROGRAMS), ("full", None), ("grid1024", 1024)):
-            ms = cuda_ms(lambda: kernels.gather_selected(src, idx, k, out, programs))
+            ms = _cuda_ms(torch, lambda: kernels.gather_selected(src, idx, k, out, programs), 20)
             row[name] = {"ms": ms, "gbps": nbytes / ms / 1e6}
         want = host[(idx.view(lanes, cap).cpu() * lanes + torch.arange(lanes).view(lanes, 1)).reshape(-1)]
         row["correct"] = bool(torch.equal(out.cpu(), want))
         rows = (idx.view(lanes, cap) * lanes + torch.arange(lanes, device="cuda").view(lanes, 1)).reshape(-1)
-        ms = cuda_ms(lambda: torch.index_select(src, 0, rows, out=out))
+        ms = _cuda_ms(torch, lambda: torch.index_select(src, 0, rows, out=out), 20)
         row["uva_index_select"] = {"ms": ms, "gbps": nbytes / ms / 1e6}
         row["x32_layers_ms"] = row["grid64"]["ms"] * 32
         res["rows"].append(row)
