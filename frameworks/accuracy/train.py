@@ -151,14 +151,22 @@ def train(name: str, out: Path, overrides: dict | None = None, eval_lengths=(), 
     return record
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="registry name with `train:` settings (e.g. retriever-tiny)")
     ap.add_argument("--out", required=True, type=Path, help="checkpoint folder (save_pretrained + tokenizer + train_log.json)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a train setting (JSON value)")
     ap.add_argument("--eval-lengths", default="", help="comma-separated context lengths for the full-cache recall")
     ap.add_argument("--eval-n", type=int, default=64, help="held-out trials per evaluated length")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def eval_lengths(args: argparse.Namespace) -> list[int]:
+    return [int(x) for x in args.eval_lengths.split(",") if x]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         over = {}
         for s in args.set:
@@ -169,8 +177,7 @@ def main(argv=None) -> int:
                 over[k] = json.loads(v)
             except json.JSONDecodeError:
                 over[k] = v
-        lengths = [int(x) for x in args.eval_lengths.split(",") if x]
-        rec = train(args.model, args.out, over, lengths, args.eval_n)
+        rec = train(args.model, args.out, over, eval_lengths(args), args.eval_n)
     except ValueError as e:
         print(f"train: {e}", file=sys.stderr)
         return 2

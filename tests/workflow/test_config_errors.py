@@ -100,3 +100,20 @@ def test_missing_shipped_checkpoint_is_one_clear_error(repo_copy):
     p = dry(repo_copy, "preset=h200", "experiments=[fact_retention]")
     assert p.returncode != 0
     assert "no checkpoint there (model.safetensors); it is made on a GPU by benchmarks/gpu_retriever.sh" in p.stderr + p.stdout
+
+
+@pytest.mark.parametrize("experiments", ["[accuracy]", "[fact_retention]"])
+def test_trainer_command_parses_with_or_without_eval_lengths(repo_copy, experiments):
+    # accuracy alone evaluates no fact-retention length: the trainer's --eval-lengths is empty, and
+    # the command must still parse (it once rendered as a bare `--eval-lengths >log`: exit 2)
+    import shlex
+
+    from frameworks.accuracy import train
+
+    p = snakemake(repo_copy, "-n", "-p", "--cores", "1", "--config", "preset=smoke", "runner=local",
+                  f"experiments={experiments}")
+    assert p.returncode == 0, p.stderr
+    line = next(x for x in p.stdout.splitlines() if "frameworks.accuracy.train" in x)
+    argv = shlex.split(line.split("frameworks.accuracy.train", 1)[1].split(">", 1)[0])
+    lengths = train.eval_lengths(train.parse_args(argv))
+    assert (lengths == []) == (experiments == "[accuracy]")

@@ -23,4 +23,4 @@ rule train_model:
         # on a CPU, pinned to {threads} cores of its own (workflow/lib/cores.py), as every CPU cell
         '"$KVSTUDY_PYTHON" -m workflow.lib.cores --cpus {threads} --gpus {resources.gpu} -- '
         '"$KVSTUDY_PYTHON" -m frameworks.accuracy.train --model {wildcards.trained} --out {params.out:q} '
-        "--eval-lengths {params.lengths:q} > {log:q} 2>&1"
+        "--eval-lengths={params.lengths:q} > {log:q} 2>&1"
