@@ -22,9 +22,10 @@ import errno
 import fcntl
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from workflow.lib import gpus
 
 LOCK_DIR = Path(os.environ.get("KVSTUDY_CPU_LOCK_DIR") or "/tmp/kvstudy-cpu-locks")
 ENV = "KVSTUDY_CPU_CORES"  # the cores a cell was given ("0,1"): the worker's threads, vLLM's binding, provenance
@@ -121,18 +122,8 @@ def claim(cores: list[int], n: int, lock_dir: Path = LOCK_DIR, timeout_s: float 
     """Block until `n` of `cores` are free (cells of another run on this host queue, never share).
     More cores than the job may use: all of them (a cell_threads: all preset)."""
     n = max(1, min(n, len(cores)))
-    deadline = time.monotonic() + timeout_s
-    waited = False
-    while True:
-        got = try_claim(cores, n, lock_dir)
-        if got:
-            return got
-        if not waited and on_wait:
-            on_wait()
-        waited = True
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {n} free cores among {format_list(cores)} after {timeout_s:g} s")
-        time.sleep(poll_s)
+    return gpus.wait_for(lambda: try_claim(cores, n, lock_dir), timeout_s, poll_s, on_wait,
+                         f"no {n} free cores among {format_list(cores)}")
 
 
 def pin(n: int, env: dict[str, str], log=lambda msg: None) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -93,15 +93,21 @@ def claim(gpus: list[str], lock_dir: Path = LOCK_DIR, timeout_s: float = 24 * 36
         raise NoGPU("this cell needs a GPU, but none was found (nvidia-smi lists none and neither "
                     "CUDA_VISIBLE_DEVICES nor KVSTUDY_GPUS names one); run a CPU preset (preset=smoke) "
                     "or run on a GPU host")
+    return wait_for(lambda: try_claim(gpus, lock_dir), timeout_s, poll_s, on_wait, f"no free GPU among {gpus}")
+
+
+def wait_for(try_once, timeout_s: float, poll_s: float, on_wait, what: str):
+    """Poll try_once() until it returns a claim; on_wait() once before the first wait;
+    TimeoutError "<what> after <timeout_s> s" past the deadline (the GPU and the core allocators)."""
     deadline = time.monotonic() + timeout_s
     waited = False
     while True:
-        got = try_claim(gpus, lock_dir)
+        got = try_once()
         if got:
             return got
         if not waited and on_wait:
             on_wait()
         waited = True
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no free GPU among {gpus} after {timeout_s:g} s")
+            raise TimeoutError(f"{what} after {timeout_s:g} s")
         time.sleep(poll_s)
