@@ -117,3 +117,13 @@ def test_trainer_command_parses_with_or_without_eval_lengths(repo_copy, experime
     argv = shlex.split(line.split("frameworks.accuracy.train", 1)[1].split(">", 1)[0])
     lengths = train.eval_lengths(train.parse_args(argv))
     assert (lengths == []) == (experiments == "[accuracy]")
+
+
+def test_a_figure_about_one_framework_is_planned_only_with_its_cells(repo_copy):
+    """engine_decode plots hf's two decode modes: a run without hf cells has none to draw
+    (it failed the whole `frameworks=[infinigen]` run before)."""
+    with_hf = dry(repo_copy, "preset=smoke", "runner=local", "experiments=[batch]")
+    without = dry(repo_copy, "preset=smoke", "runner=local", "experiments=[batch]", "frameworks=[infinigen]")
+    assert with_hf.returncode == 0 and without.returncode == 0, (with_hf.stderr + without.stderr)[-2000:]
+    assert "results/figures/engine_decode.png" in with_hf.stdout
+    assert "engine_decode" not in without.stdout and "results/figures/throughput_vs_batch.png" in without.stdout

@@ -288,8 +288,21 @@ def get_all_tables(wildcards=None) -> list[str]:
     return [f"results/tables/{e}.csv" for e in EXPERIMENTS]
 
 
+# figure -> the framework it is about: drawn only when this run has that framework's cells of its
+# experiment (`frameworks=[infinigen]` has no hf engine-mode comparison to draw)
+FIGURE_FRAMEWORK = {"engine_decode": "hf"}
+
+
 def get_figures() -> list[str]:
-    return [fig for fig, exp in FIGURES.items() if exp in EXPERIMENTS]
+    return [
+        fig
+        for fig, exp in FIGURES.items()
+        if exp in EXPERIMENTS
+        and (
+            fig not in FIGURE_FRAMEWORK
+            or any(c.experiment == exp and c.framework == FIGURE_FRAMEWORK[fig] for c in CELLS.values())
+        )
+    ]
 
 
 def get_caption(figure: str) -> str:
