@@ -300,7 +300,10 @@ def get_figures() -> list[str]:
         if exp in EXPERIMENTS
         and (
             fig not in FIGURE_FRAMEWORK
-            or any(c.experiment == exp and c.framework == FIGURE_FRAMEWORK[fig] for c in CELLS.values())
+            or any(
+                c.experiment == exp and c.framework == FIGURE_FRAMEWORK[fig]
+                for c in CELLS.values()
+            )
         )
     ]
 
