@@ -93,13 +93,21 @@ class Transfer:
         self.reset_stats()
 
     def reset_stats(self) -> None:
+        # host counters, added to by Python at eager steps only. Nothing a captured step needs for its
+        # accounting may live here: a replayed step runs no Python, so whatever reset_stats clears and
+        # only a launch sets again stays cleared for a measured batch replayed after the reset (the
+        # bytes of the Triton gather once read 0 that way: the batch and row size were such stats)
         self.stats = {"full_tokens": 0, "bytes": 0, "gather_bytes": 0, "gather_s": 0.0, "sparse_fetches": 0,
-                      "steps": 0, "row_bytes": 0, "batch": 0, "static_gather_bytes": 0}
+                      "steps": 0}
         if hasattr(self, "_k_sum"):  # zeroed in place: a captured decode step adds to these very tensors
             self._k_sum.zero_()
+            self._kb_sum.zero_()
             self.counts.zero_()
         else:
             self._k_sum = torch.zeros((), dtype=torch.long, device=self.device)  # selected rows per (seq, head), summed
+            # selected rows x sequences, summed: the selected tokens (one token of a sequence, all kv
+            # heads), so bytes = this x a token's bytes whatever batch each fetch had
+            self._kb_sum = torch.zeros((), dtype=torch.long, device=self.device)
             # graph decode's counters, kept on the device (replayed steps run no Python): decode steps,
             # full-layer tokens used (x sequences), speculated fetches
             self.counts = torch.zeros(3, dtype=torch.long, device=self.device)
@@ -259,6 +267,7 @@ class Transfer:
                 keep = keep_pos[:cap] < k
             bias = torch.where(keep, self._zero, self._ninf, out=slot.bias[:cap])
             self._k_sum.add_(k)  # every launched speculation is used in the same step
+            self._kb_sum.add_(k, alpha=b)
             n = b * hkv * cap
             dst = slot.dev[:n]  # [n, 2d] contiguous: key | value of each (sequence, head, position)
             ready, nbytes = None, 0
@@ -271,12 +280,14 @@ class Transfer:
                     start.record()
                 if self.gather == "triton":  # the first k rows of each lane; padding -> zeros
                     kernels.gather_selected(store.gather_source(layer), idx, k, dst, self.gather_programs)
-                    nbytes = None  # k rows a lane: known on the device only (_k_sum)
+                    nbytes = None  # k rows a lane: known on the device only (_kb_sum)
                     timed_bytes = (k, b * hkv * 2 * d * dst.element_size())
                 else:  # all cap rows, padding included
                     gather(store.gather_source(layer), select.flat_rows(idx, b, hkv, lane), dst)
                     nbytes = timed_bytes = dst.numel() * dst.element_size()
-                    self.stats["static_gather_bytes"] = nbytes  # per fetch: graph decode counts fetches on the device
+                    # counted here on the host, in both decode modes: a step with this gather is never
+                    # captured (policy._graph_fallback), so Python runs at every one of its fetches
+                    self.stats["gather_bytes"] += nbytes
                 if self.cuda:
                     ready = end if end is not None else torch.cuda.Event()
                     ready.record()
@@ -287,37 +298,36 @@ class Transfer:
             elif self.cuda:
                 ready = torch.cuda.Event()
                 ready.record()
-        self.stats["row_bytes"] = hkv * 2 * d * dst.element_size()  # one token of a sequence: all kv heads
-        self.stats["batch"] = b
         kv = dst.view(b, hkv, cap, 2, d)
         return Fetched(kv[..., 0, :], kv[..., 1, :], ready, cap, nbytes, bias, idx, k)
 
     # -- measurements -----------------------------------------------------------------------
     def account(self, fetched: Fetched, batch: int, full: bool) -> None:
         """Count a fetch when it is used (a full-layer prefetch for a step that never comes is
-        not). Host integers only; the selected count k stays on the device (_k_sum)."""
+        not). Host integers only; the selected count k stays on the device (_k_sum, _kb_sum), and
+        a speculated layer's bytes are counted at its launch (used in the same step)."""
         if full:
             self.stats["full_tokens"] += fetched.tokens * batch
             self.stats["bytes"] += fetched.nbytes
         else:
             self.stats["sparse_fetches"] += 1
-            if fetched.nbytes is not None:
-                self.stats["gather_bytes"] += fetched.nbytes
 
-    def moved_bytes(self) -> tuple[int, int]:
+    def moved_bytes(self, token_bytes: int) -> tuple[int, int]:
         """(full layers' bytes, speculated layers' gathered bytes) host -> device, for metrics
-        after the run: the Triton gather's share is the device's count of selected rows."""
+        after the run: the Triton gather's share is the device's count of selected tokens x
+        token_bytes (one token of a sequence, all kv heads, K and V)."""
         gathered = self.stats["gather_bytes"]
         if self.fetch and self.gather == "triton":
-            gathered = self.selected_tokens() * self.stats["batch"] * self.stats["row_bytes"]
+            gathered = self.selected_tokens()[1] * token_bytes
         return self.stats["bytes"], gathered
 
-    def selected_tokens(self) -> int:
-        """Selected rows per (sequence, kv head) summed over speculated fetches (reads the device:
-        for metrics, after the run)."""
+    def selected_tokens(self) -> tuple[int, int]:
+        """Selected rows summed over speculated fetches: per (sequence, kv head), and per kv head
+        summed over sequences (x each fetch's batch). Reads the device: for metrics, after the run."""
         if self.cuda:
             torch.cuda.current_stream().wait_stream(self.spec_stream)
-        return int(self._k_sum)
+        k, kb = torch.stack([self._k_sum, self._kb_sum]).tolist()
+        return k, kb
 
     def _rate(self, which) -> tuple[float | None, float]:
         timed = [t for t in self._timed if which is None or t[3] == which]
