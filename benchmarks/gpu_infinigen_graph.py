@@ -1,6 +1,6 @@
 """GPU check of InfiniGen's graph decode (issue 12): captured == eager, and its step against the target.
 
-    python benchmarks/gpu_infinigen_graph.py --out DIR [--budget-s 210] [--tiny]
+    python benchmarks/gpu_infinigen_graph.py --out DIR [--budget-s 210] [--tiny] [--checks A,B,...] [--list]
 
 On one GPU (the H200), in priority order, each check on its own (an exception is printed with its
 traceback and recorded, and the next check runs; after a CUDA error the worker exits and a fresh
@@ -13,9 +13,15 @@ one continues with the checks not yet recorded, so one call gives every answer i
   8b/graph-*   Llama-3.1-8B random bf16, prompt 2048, 256 generated, kv_budget 0.2, batch 1/8/32: graph
                decode with the fetch and without it (speculation only), median step (CUDA events);
                target: step <= 1.2 x max(step without fetch, fetched bytes per step / PCIe rate)
+  8b/graph-fetch-V  overlap variant V (benchmarks/infinigen_overlap.py: split, serial, greenN, ...) at
+               batch 8/32: the default graph step with one setting changed, its step against the default's
+               (step_vs_default) and against the target; correct/tiny-llama@V: graph == eager under V.
+               A variant this torch / driver cannot run is recorded `unsupported` with the reason
   8b/correct   8B bf16 graph vs eager, batch 2, 16 generated: logit difference and token agreement (report)
   8b/eager-*   the eager step at the same batches (64 generated), for comparison
 Writes DIR/infinigen_graph.jsonl (one line per check) and DIR/infinigen_graph_summary.json.
+The whole plan takes ~700 s (--list): --checks picks groups (a group is a check's name up to /bs or
+@, e.g. 8b/graph-fetch-split; the figures' prerequisites are added), --budget-s caps a call.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import infinigen_overlap as overlap  # noqa: E402 - beside this file
+
 TARGET = 1.2
 TOL = 1e-4
 BATCHES = (1, 8, 32)
@@ -45,20 +53,47 @@ TINY = [("correct/tiny-llama", "tiny-llama-3.1", "eager", 0.4, {}, "none"),
         ("correct/tiny-opt", "tiny-opt", "chunked", 0.4, {"partial_columns": "warmup"}, "none")]
 
 
+# overlap variants (infinigen_overlap.VARIANTS) in the order they run, at the batches that miss the target
+NEW_VARIANTS = ("split", "serial", "green16", "split-prio", "split-green16", "green8", "green32")
+OLD_VARIANTS = ("prio", "fullgrid")  # measured at 7d916f0: no effect (kept, for the record)
+TINY_VARIANTS = ("split", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
+
+
 def plan(tiny: bool) -> list[tuple[str, float]]:
     """(check, estimated seconds) in priority order."""
     compiled = [(t[0], 25) for t in TINY if t[5] == "layers"]  # a cold Inductor compile: after the 8B figures
     v = [("rates", 5)] + [(t[0], 8) for t in TINY if t[5] != "layers"]
+    v += [(f"correct/tiny-llama@{x}", 8) for x in TINY_VARIANTS]
     if tiny:
         return v + compiled
     for b in BATCHES:
         v += [(f"8b/graph-fetch/bs{b}", 12 + 0.6 * b), (f"8b/graph-nofetch/bs{b}", 10 + 0.3 * b)]
-    v += [(f"8b/graph-fetch-prio/bs{b}", 12 + 0.6 * b) for b in BATCHES]  # the side stream at high priority
-    v += [(f"8b/graph-fetch-fullgrid/bs{b}", 12 + 0.6 * b) for b in BATCHES[1:]]  # the gather's grid, side by side
+    v += [(f"8b/graph-fetch-{x}/bs{b}", 12 + 0.6 * b) for x in NEW_VARIANTS for b in BATCHES[1:]]
+    v += [(f"8b/graph-fetch-{x}/bs{b}", 12 + 0.6 * b) for x in OLD_VARIANTS for b in BATCHES[1:]]
     v.append(("8b/correct", 25))
     v += compiled
     v += [(f"8b/eager-fetch/bs{b}", 10 + 0.5 * b) for b in BATCHES]
     return v
+
+
+def select_checks(checks: list[tuple[str, float]], wanted: str | None) -> list[tuple[str, float]]:
+    """--checks a,b,...: the checks named or under a named group (8b/graph-fetch-split = its batches;
+    correct = every tiny check), plus what their figures need (rates; at each batch the default
+    graph-fetch and graph-nofetch, measured first), in plan order."""
+    if not wanted:
+        return checks
+    groups = [w.strip().rstrip("/") for w in wanted.split(",") if w.strip()]
+    names = {n for n, _ in checks}
+    unknown = [g for g in groups if g not in names and not any(n.startswith(g + "/") or n.startswith(g + "@")
+                                                               for n in names)]
+    if unknown:
+        raise SystemExit(f"--checks: no check named or under {', '.join(unknown)} (see --list)")
+    picked = {n for n in names if any(n == g or n.startswith(g + "/") or n.startswith(g + "@") for g in groups)}
+    for n in list(picked):
+        if n.startswith("8b/graph-") and "/bs" in n:
+            b = n.rsplit("/", 1)[1]
+            picked |= {"rates", f"8b/graph-fetch/{b}", f"8b/graph-nofetch/{b}"}
+    return [(n, est) for n, est in checks if n in picked]
 
 
 class Ctx:
@@ -144,7 +179,8 @@ def check_tiny(ctx, name) -> dict:
     from frameworks import models
 
     torch = ctx.torch
-    _, model_name, prefill, kv, pol, compile = next(t for t in TINY if t[0] == name)
+    base, _, variant = name.partition("@")  # correct/tiny-llama@split: the tiny check under an overlap variant
+    _, model_name, prefill, kv, pol, compile = next(t for t in TINY if t[0] == base)
     import numpy as np
 
     ids = np.random.default_rng(7).integers(0, 1000, (3, 25))
@@ -158,8 +194,10 @@ def check_tiny(ctx, name) -> dict:
                     p.mul_(4.0)
         policy, e = engine_for(ctx, s, model)
         try:
+            setting = overlap.configure(ctx, policy, e, **overlap.VARIANTS[variant]) if variant else {}
             e.collect_logits = True
             e.generate(ids[::-1].copy(), 4)  # the warm-up: captures the step
+            policy.reset_metrics()  # as decode_8b and the runner: the measured batch is replayed after it
             e.generate(ids, 9)
             runs[decode] = (torch.stack(e.step_logits), e.last_tokens.cpu(), policy.metrics(), e.graph_stats())
         finally:
@@ -170,7 +208,8 @@ def check_tiny(ctx, name) -> dict:
     out = {"max_abs_logit_diff": diff, "logits_within_tol": bool(torch.allclose(lg, lr, rtol=TOL, atol=TOL)),
            "tokens_equal": bool(torch.equal(tg, tr)), "counters_eager_graph": counters,
            "counters_equal": all(a == b for a, b in counters.values()), "graph": gs,
-           "graph_decode_steps": mg["graph_decode_steps"], "fallback": mg["infinigen_graph_fallback"]}
+           "graph_decode_steps": mg["graph_decode_steps"], "fallback": mg["infinigen_graph_fallback"],
+           "variant": setting}
     captured = ctx.device != "cuda" or gs.get("decode_graphs", 0) >= 1
     out["captured"] = captured
     out["pass"] = (out["logits_within_tol"] and out["tokens_equal"] and out["counters_equal"] and captured
@@ -178,7 +217,7 @@ def check_tiny(ctx, name) -> dict:
     return out
 
 
-def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None, programs="default", priority=None) -> dict:
+def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None, **variant) -> dict:
     from frameworks.harness import workload
 
     model = ctx.model_8b()
@@ -186,10 +225,7 @@ def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None, programs="defau
     policy = None
     try:
         policy, e = engine_for(ctx, s, model, fetch)
-        if programs != "default":  # the Triton gather's grid (kernels.PROGRAMS by default; None: a program per block)
-            policy.transfer.gather_programs = programs
-        if priority is not None:  # the speculation + gather stream at a higher scheduling priority (< 0)
-            policy.transfer.spec_stream = ctx.torch.cuda.Stream(ctx.device, priority=priority)
+        setting = overlap.configure(ctx, policy, e, **variant)
         prompts = workload.prompts(0, batch, 2048, model.config.vocab_size)
         t0 = time.perf_counter()
         e.generate(prompts, 4)  # the runner's warm-up: same shapes, captures the step
@@ -213,7 +249,8 @@ def decode_8b(ctx, batch, decode, gen, fetch=True, compile=None, programs="defau
                 "graph_decode_steps": m["graph_decode_steps"], "fallback": m["infinigen_graph_fallback"],
                 "fetched_tokens_per_seq_layer_speculated": m["fetched_tokens_per_seq_layer_speculated"],
                 "peak_gpu_mem_gb": ctx.torch.cuda.max_memory_allocated() / 1e9, "spec": s.to_dict(),
-                "host_syncs_in_measured_batch": len(syncs), "host_sync_examples": sorted(set(syncs))[:3]}
+                "host_syncs_in_measured_batch": len(syncs), "host_sync_examples": sorted(set(syncs))[:3],
+                "variant": setting}
     finally:
         release(ctx, model, policy)
         ctx.torch.cuda.reset_peak_memory_stats()
@@ -245,44 +282,55 @@ def check_8b_correct(ctx) -> dict:
             "note": "bf16: a report (a near-tie can flip a greedy token once the summation order differs)"}
 
 
-VARIANTS = {"graph-fetch-prio": ("step_vs_default_priority", {"priority": -1}),  # side stream at high priority
-            "graph-fetch-fullgrid": ("step_vs_default_grid", {"programs": None})}  # a gather program per block
-
-
 def run_check(ctx, name, results) -> dict:
     if name == "rates":
         return check_rates(ctx)
     if name.startswith("correct/"):
-        return check_tiny(ctx, name)
+        return check_tiny(ctx, name)  # may raise overlap.Unsupported (recorded as unsupported)
     if name == "8b/correct":
         return check_8b_correct(ctx)
     kind, b = name.split("/")[1], int(name.rsplit("bs", 1)[1])
     if kind == "graph-fetch":
         return decode_8b(ctx, b, "graph", 256)
-    if kind in VARIANTS:  # the default graph step with one setting changed, beside it
-        key, kw = VARIANTS[kind]
-        r = decode_8b(ctx, b, "graph", 256, **kw)
+    if kind.startswith("graph-fetch-"):  # the default graph step with one setting changed, beside it
+        r = decode_8b(ctx, b, "graph", 256, **overlap.VARIANTS[kind[len("graph-fetch-"):]])
         base = results.get(f"8b/graph-fetch/bs{b}", {})
         if "step_ms" in base:
-            r[key] = r["step_ms"] / base["step_ms"]
+            r["step_vs_default"] = r["step_ms"] / base["step_ms"]
+        _target(r, results, b)
         return r
     if kind == "graph-nofetch":
         r = decode_8b(ctx, b, "graph", 128, fetch=False)
         fetch = results.get(f"8b/graph-fetch/bs{b}", {})
-        pcie = results.get("rates", {}).get("pcie_bytes_s")
-        if "step_ms" in fetch and pcie:
-            pcie_ms = fetch["fetched_bytes_per_step"] / pcie * 1e3
-            bound = max(r["step_ms"], pcie_ms)
-            r["target"] = {"step_ms": fetch["step_ms"], "nofetch_step_ms": r["step_ms"], "pcie_ms": pcie_ms,
-                           "bound_ms": bound, "ratio": fetch["step_ms"] / bound, "limit": TARGET,
-                           "met": fetch["step_ms"] <= TARGET * bound}
+        t = _bound(results, b, fetch.get("fetched_bytes_per_step"), r["step_ms"])
+        if "step_ms" in fetch and t:
+            r["target"] = {"step_ms": fetch["step_ms"], **t, "ratio": fetch["step_ms"] / t["bound_ms"], "limit": TARGET,
+                           "met": fetch["step_ms"] <= TARGET * t["bound_ms"]}
         return r
     if kind == "eager-fetch":
         return decode_8b(ctx, b, "eager", 64)
     raise ValueError(f"unknown check {name}")
 
 
-def worker(out: Path, tiny: bool, deadline: float) -> int:
+def _bound(results, b, fetched_bytes, nofetch_ms=None) -> dict | None:
+    """The target's bound at batch b: max(step without fetch, fetched bytes / pinned PCIe rate)."""
+    pcie = results.get("rates", {}).get("pcie_bytes_s")
+    nofetch_ms = nofetch_ms or results.get(f"8b/graph-nofetch/bs{b}", {}).get("step_ms")
+    if not (pcie and nofetch_ms and fetched_bytes):
+        return None
+    pcie_ms = fetched_bytes / pcie * 1e3
+    return {"nofetch_step_ms": nofetch_ms, "pcie_ms": pcie_ms, "bound_ms": max(nofetch_ms, pcie_ms)}
+
+
+def _target(r, results, b) -> None:
+    """A variant's own figure against the target (the nofetch step of the default, measured before it)."""
+    t = _bound(results, b, r.get("fetched_bytes_per_step"))
+    if t:
+        r["target"] = {"step_ms": r["step_ms"], **t, "ratio": r["step_ms"] / t["bound_ms"], "limit": TARGET,
+                       "met": r["step_ms"] <= TARGET * t["bound_ms"]}
+
+
+def worker(out: Path, tiny: bool, deadline: float, checks: str | None = None) -> int:
     ctx = Ctx(tiny)
     log = out / "infinigen_graph.jsonl"
     results = _results(log)
@@ -291,7 +339,7 @@ def worker(out: Path, tiny: bool, deadline: float) -> int:
             results[name] = {"check": name, "status": "error", "error": "the worker process died during this check "
                              "(see the output above it)"}
             _append(log, results[name])
-    for name, est in plan(tiny):
+    for name, est in select_checks(plan(tiny), checks):
         if name in results:
             continue
         row = {"check": name}
@@ -302,7 +350,9 @@ def worker(out: Path, tiny: bool, deadline: float) -> int:
         else:
             t0 = time.perf_counter()
             try:
-                row.update(status="ok", **run_check(ctx, name, results))
+                row.update({"status": "ok", **run_check(ctx, name, results)})
+            except overlap.Unsupported as e:  # a variant this torch / driver cannot run: recorded, not a failure
+                row.update(status="unsupported", reason=str(e))
             except Exception as e:  # noqa: BLE001 - recorded, printed, the next check runs
                 row.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
                 print(f"[{name}] FAILED\n{row['traceback']}", flush=True)
@@ -345,6 +395,9 @@ def summary(out: Path) -> int:
     bad = 0
     for name, r in results.items():
         status = r["status"]
+        if status == "unsupported":
+            print(f"{name:38s} unsupported {r.get('reason', '')[:300]}")
+            continue
         if status == "ok" and r.get("pass") is False:
             status = "FAIL"
         if status in ("FAIL", "error"):
@@ -371,6 +424,18 @@ def summary(out: Path) -> int:
         print(f"bs{b:<3d} step {t['step_ms']:.2f} ms vs bound {t['bound_ms']:.2f} ms (no fetch {t['nofetch_step_ms']:.2f}, "
               f"PCIe {t['pcie_ms']:.2f}): {t['ratio']:.2f}x -> {'met' if t['met'] else 'MISSED'}")
         bad += not t["met"]
+    print("\n== overlap variants (the default step with one setting changed, same run) ==")
+    for name, r in results.items():
+        if not name.startswith("8b/graph-fetch-"):
+            continue
+        if "step_ms" not in r:
+            print(f"{name:38s} {r['status']}: {r.get('reason') or r.get('error', '')[:200]}")
+            continue
+        t = r.get("target")
+        vs = f"{r['step_vs_default']:.2f}x the default" if "step_vs_default" in r else "no default figure"
+        fig = (f", {t['ratio']:.2f}x the bound {t['bound_ms']:.2f} ms -> {'met' if t['met'] else 'MISSED'}"
+               if t else ", no bound (needs rates and graph-nofetch)")
+        print(f"{name:38s} step {r['step_ms']:.2f} ms, {vs}{fig}")
     for b in BATCHES:
         g, e = results.get(f"8b/graph-fetch/bs{b}", {}), results.get(f"8b/eager-fetch/bs{b}", {})
         if "step_ms" in g and "step_ms" in e:
@@ -385,16 +450,26 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=210.0,
                     help="seconds for the checks (what would not fit is skipped and recorded)")
     ap.add_argument("--tiny", action="store_true", help="the tiny checks only (also on a CPU)")
+    ap.add_argument("--checks", help="comma-separated checks or groups to run (e.g. 8b/graph-fetch-split,"
+                    "8b/graph-fetch-green16/bs32); what their figures need is added")
+    ap.add_argument("--list", action="store_true", help="print the plan (check, estimated s) and exit")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.list:
+        chosen = select_checks(plan(args.tiny), args.checks)
+        for name, est in chosen:
+            print(f"{name:40s} ~{est:.0f} s")
+        print(f"{'total':40s} ~{sum(e for _, e in chosen):.0f} s")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        return worker(out, args.tiny, args.deadline)
+        return worker(out, args.tiny, args.deadline, args.checks)
     deadline = time.time() + args.budget_s
     for attempt in range(4):  # a worker that hit a CUDA error exits 3: a fresh one goes on
         cmd = [sys.executable, __file__, "--out", str(out), "--worker", "--deadline", str(deadline)]
+        cmd += ["--checks", args.checks] if args.checks else []
         rc = subprocess.call(cmd + (["--tiny"] if args.tiny else []))
         if rc == 0:
             break

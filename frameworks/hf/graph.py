@@ -28,7 +28,8 @@ class DecodeStep:
     warm_steps = 1  # eager steps before the capture
 
     def __init__(self, model, cache, batch: int, max_len: int, device: torch.device, mask: bool,
-                 capture: str = "cuda_graph", pool=None, stats: dict | None = None, regions=None, fused=None):
+                 capture: str = "cuda_graph", pool=None, stats: dict | None = None, regions=None, fused=None,
+                 stream=None):
         if capture not in CAPTURES:
             raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
         self.model, self.cache, self.device = model, cache, device
@@ -39,7 +40,11 @@ class DecodeStep:
         self.arange = torch.arange(max_len, device=device).view(1, 1, 1, max_len)
         self.mask = torch.zeros((batch, 1, 1, max_len), dtype=torch.bool, device=device) if mask else None
         self.cuda = device.type == "cuda"
-        self.side = torch.cuda.Stream(device) if self.cuda else None  # eager steps, as torch's capture recipe
+        # stream: where the step runs, eager, captured and replayed (None: a side stream of its own for
+        # the eager steps, torch's private capture stream, replays on the caller's) - e.g. a green
+        # context's stream, so that the step's kernels keep to that context's SMs
+        self.stream = stream
+        self.side = stream if stream is not None else torch.cuda.Stream(device) if self.cuda else None
         self.capture, self.pool = capture, pool
         self.graph: torch.cuda.CUDAGraph | None = None
         self.compiled = None
@@ -87,7 +92,14 @@ class DecodeStep:
             return self.next
         if self.graph is None:
             self._capture()
-        self.graph.replay()
+        if self.stream is None:
+            self.graph.replay()
+        else:  # forked from the caller's stream and joined back, as an eager step
+            caller = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(caller)
+            with torch.cuda.stream(self.stream):
+                self.graph.replay()
+            caller.wait_stream(self.stream)
         return self.next
 
     def _eager(self) -> None:
@@ -111,7 +123,8 @@ class DecodeStep:
         t0 = time.perf_counter()
         g = torch.cuda.CUDAGraph()
         # thread_local: the memory monitor's thread may query the device while this thread captures
-        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+        on = {"stream": self.stream} if self.stream is not None else {}
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local", **on):
             self._step()
         self.graph = g
         self.stats["graphs"] += 1

@@ -152,16 +152,16 @@ class InfiniGenPolicy(KVPolicy):
         s["steps"] += g_steps
         s["full_tokens"] += g_full
         s["sparse_fetches"] += g_sparse
-        if t.fetch and t.cuda:  # one token of a sequence, all kv heads: K and V (CPU: the store is read in place)
-            s["bytes"] += g_full * self.arch.n_kv_heads * 2 * self.arch.head_dim * (torch.finfo(self.dtype).bits // 8)
-        if t.fetch:
-            s["gather_bytes"] += g_sparse * s["static_gather_bytes"]
+        # one token of a sequence, all kv heads: K and V (a model constant, never a launch-time stat)
+        token_bytes = self.arch.n_kv_heads * 2 * self.arch.head_dim * (torch.finfo(self.dtype).bits // 8)
+        if t.fetch and t.cuda:  # CPU: the store is read in place
+            s["bytes"] += g_full * token_bytes
         t.stats.update(s)
         steps = max(s["steps"], 1)
         sparse_layers = len(self.skews)
-        selected = t.selected_tokens()  # rows per (sequence, kv head), summed over speculated fetches
-        batch = self._store.batch if self._store else 0
-        full_bytes, gathered = t.moved_bytes()
+        # selected rows summed over speculated fetches: per (sequence, kv head), and x each fetch's batch
+        selected, selected_tokens = t.selected_tokens()
+        full_bytes, gathered = t.moved_bytes(token_bytes)
         return {
             "infinigen": {
                 "alpha": self.alpha, "partial_weight_ratio": self.ratio, "max_num_kv": self.max_num_kv,
@@ -178,14 +178,14 @@ class InfiniGenPolicy(KVPolicy):
             "graph_decode_steps": s["graph_steps"],  # of them on device positions (graph decode)
             # tokens: one token of one sequence, all its kv heads (the speculated layers fetch the
             # same count k for every sequence and head, as upstream)
-            "fetched_tokens_per_step": (s["full_tokens"] + selected * batch) / steps,
-            "fetched_tokens_per_step_speculated": selected * batch / steps,
+            "fetched_tokens_per_step": (s["full_tokens"] + selected_tokens) / steps,
+            "fetched_tokens_per_step_speculated": selected_tokens / steps,
             "fetched_tokens_per_seq_layer_speculated": selected / max(s["sparse_fetches"], 1) if self._store else None,
             # bytes moved host -> device: full layers + the speculated layers' gathers (index_select
             # moves the whole budget, padding included; the Triton gather the selected rows only);
             # the selected rows alone are the second figure
             "fetched_bytes_per_step": (full_bytes + gathered) / steps,
-            "selected_bytes_per_step": (full_bytes + (selected * batch * s["row_bytes"] if t.fetch else 0)) / steps,
+            "selected_bytes_per_step": (full_bytes + (selected_tokens * token_bytes if t.fetch else 0)) / steps,
             # CUDA graph decode times no transfer (a captured step has no timing events): None
             "h2d_bandwidth_gbps": None if captured and t.cuda else t.measured_bandwidth_gbps(),
             "gather_bandwidth_gbps": None if captured and t.cuda else t.measured_bandwidth_gbps(sparse=True),

@@ -25,6 +25,10 @@ Graph decode (cache.py): the same streams inside one captured step, forked from 
 stream by events and joined back at its end (join); appends are written on the compute stream
 through the store's device alias at a device-side position (append_at), full layers fetched by
 the Triton gather of a device-side row count (launch_full_static), no timing events.
+Streams (set_streams, the GPU benchmark's variants): `side` as above (the default), `split` (the
+gather on a stream of its own after the speculation's event: the next speculation no longer
+queues behind a gather), `serial` (all on the compute stream: no overlap, the baseline); the side
+streams may come from a CUDA green context (SMs of their own).
 CPU device: the same code without streams, index_select on the host store itself, so every step
 but the zero-copy alias is exercised by the CPU tests (the Triton kernel runs there under
 Triton's interpreter).
@@ -84,22 +88,31 @@ class Transfer:
             raise RuntimeError("gather='triton' needs the triton package (CUDA builds of torch bring it)")
         self.gather = gather
         self.gather_programs = kernels.PROGRAMS  # the Triton gather's grid (None: a program per block of rows)
-        self.spec_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.append_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.streams = "side"
+        self.spec_stream = self.gather_stream = self.copy_stream = self.append_stream = None
+        if self.cuda:
+            self.set_streams("side")
         self.appended: dict[int, object] = {}  # layer -> CUDA event after its last append
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
         self._ninf = torch.full((), float("-inf"), dtype=torch.float32, device=device)
         self.reset_stats()
 
     def reset_stats(self) -> None:
+        # host counters, added to by Python at eager steps only. Nothing a captured step needs for its
+        # accounting may live here: a replayed step runs no Python, so whatever reset_stats clears and
+        # only a launch sets again stays cleared for a measured batch replayed after the reset (the
+        # bytes of the Triton gather once read 0 that way: the batch and row size were such stats)
         self.stats = {"full_tokens": 0, "bytes": 0, "gather_bytes": 0, "gather_s": 0.0, "sparse_fetches": 0,
-                      "steps": 0, "row_bytes": 0, "batch": 0, "static_gather_bytes": 0}
+                      "steps": 0}
         if hasattr(self, "_k_sum"):  # zeroed in place: a captured decode step adds to these very tensors
             self._k_sum.zero_()
+            self._kb_sum.zero_()
             self.counts.zero_()
         else:
             self._k_sum = torch.zeros((), dtype=torch.long, device=self.device)  # selected rows per (seq, head), summed
+            # selected rows x sequences, summed: the selected tokens (one token of a sequence, all kv
+            # heads), so bytes = this x a token's bytes whatever batch each fetch had
+            self._kb_sum = torch.zeros((), dtype=torch.long, device=self.device)
             # graph decode's counters, kept on the device (replayed steps run no Python): decode steps,
             # full-layer tokens used (x sequences), speculated fetches
             self.counts = torch.zeros(3, dtype=torch.long, device=self.device)
@@ -107,11 +120,36 @@ class Transfer:
         self._timed: list[tuple[object, object, object, bool]] = []  # start, end, bytes, speculated layer
 
     # -- stream helpers -----------------------------------------------------------------
+    STREAMS = ("side", "split", "serial")
+
+    def set_streams(self, mode: str = "side", priority: int = 0, make_stream=None) -> None:
+        """Where the transfers run (CUDA; the GPU benchmark's variants, measured beside the default):
+        `side` (the default): speculation and its gather on one side stream, full layers on another;
+        `split`: the gather on a stream of its own, waiting on the speculation's event only, so the
+        next layer's speculation (hidden by the compute) no longer queues behind this layer's
+        gather, and the gathers follow each other on PCIe with no speculation between them;
+        `serial`: everything on the compute stream, no overlap at all (the baseline).
+        priority: of the speculation stream (< 0: higher). make_stream(): a new side stream
+        (e.g. a green context's Stream(), so the side work runs on SMs of its own)."""
+        if mode not in self.STREAMS:
+            raise ValueError(f"unknown streams {mode!r}: one of {', '.join(self.STREAMS)}")
+        if not self.cuda:
+            return
+        self.streams = mode
+        new = make_stream or (lambda prio=0: torch.cuda.Stream(self.device, priority=prio))
+        if mode == "serial":
+            self.spec_stream = self.gather_stream = self.copy_stream = None
+        else:
+            self.spec_stream = new(priority) if make_stream is None else make_stream()
+            self.gather_stream = self.spec_stream if mode == "side" else new()
+            self.copy_stream = new()
+        self.append_stream = new()  # eager decode's appends (device -> host): never on the compute stream
+
     def follow_compute(self, *tensors: torch.Tensor):
         """An event after what the compute stream enqueued so far; the side stream waits on it,
         and tensors it reads that were made on the compute stream stay allocated until it is
-        done with them (record_stream)."""
-        if not self.cuda:
+        done with them (record_stream). None on CPU and with streams `serial` (stream order)."""
+        if not self.cuda or self.spec_stream is None:
             return None
         ready = torch.cuda.Event()
         ready.record()
@@ -182,8 +220,9 @@ class Transfer:
             after = self.follow_compute()
             start, end = self._events()
             end = end if end is not None else torch.cuda.Event()
-            with torch.cuda.stream(self.copy_stream):
-                self.copy_stream.wait_event(after)
+            with _on(self.copy_stream):
+                if after is not None:
+                    self.copy_stream.wait_event(after)
                 self.after_appends(layer)
                 if self.fetch:
                     nbytes = src.numel() * src.element_size()
@@ -218,19 +257,20 @@ class Transfer:
             return None
         lanes = store.batch * store.shape[3]
         count = tokens * lanes  # rows, made on the compute stream before the copy stream follows it
-        after = torch.cuda.Event()
-        after.record()
-        self.copy_stream.wait_event(after)
-        self._fork(self.copy_stream)
-        for t in (tokens, count):
-            t.record_stream(self.copy_stream)
-        with torch.cuda.stream(self.copy_stream):
+        side = self.copy_stream
+        if side is not None:
+            after = torch.cuda.Event()
+            after.record()
+            side.wait_event(after)
+            self._fork(side)
+            for t in (tokens, count):
+                t.record_stream(side)
+        with _on(side):
             torch.where(positions < tokens, self._zero, self._ninf, out=bias)
             if self.fetch:
                 kernels.gather_selected(store.gather_source(layer), rows, count, dev.view(-1, dev.shape[-1] * 2),
                                         self.gather_programs)
-            ready = torch.cuda.Event()
-            ready.record()
+            ready = _done(side)
         return ready
 
     def count_step(self, per_step: torch.Tensor, per_token: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -248,7 +288,7 @@ class Transfer:
         for appends (graph decode appends on the compute stream, see append_at)."""
         b, hkv, d = store.batch, store.shape[3], store.shape[-1]
         after = self.follow_compute(hidden, *extra)
-        with torch.cuda.stream(self.spec_stream) if self.cuda else contextlib.nullcontext():
+        with _on(self.spec_stream):
             idx, k = speculate()
             cap = idx.shape[-1]
             if keep_pos is None:
@@ -259,65 +299,76 @@ class Transfer:
                 keep = keep_pos[:cap] < k
             bias = torch.where(keep, self._zero, self._ninf, out=slot.bias[:cap])
             self._k_sum.add_(k)  # every launched speculation is used in the same step
+            self._kb_sum.add_(k, alpha=b)
             n = b * hkv * cap
             dst = slot.dev[:n]  # [n, 2d] contiguous: key | value of each (sequence, head, position)
             ready, nbytes = None, 0
-            if self.fetch:
-                if not static:
-                    self.after_appends(layer)
-                start, end = self._events() if not static else (None, None)
-                t0 = time.perf_counter()
-                if start is not None:
-                    start.record()
-                if self.gather == "triton":  # the first k rows of each lane; padding -> zeros
-                    kernels.gather_selected(store.gather_source(layer), idx, k, dst, self.gather_programs)
-                    nbytes = None  # k rows a lane: known on the device only (_k_sum)
-                    timed_bytes = (k, b * hkv * 2 * d * dst.element_size())
-                else:  # all cap rows, padding included
-                    gather(store.gather_source(layer), select.flat_rows(idx, b, hkv, lane), dst)
-                    nbytes = timed_bytes = dst.numel() * dst.element_size()
-                    self.stats["static_gather_bytes"] = nbytes  # per fetch: graph decode counts fetches on the device
-                if self.cuda:
-                    ready = end if end is not None else torch.cuda.Event()
-                    ready.record()
+            gs = self.gather_stream
+            if self.fetch and gs is not self.spec_stream:  # split: the gather follows the speculation only
+                picked = torch.cuda.Event()
+                picked.record()  # after the selection and the bias (the compute's wait on `ready` covers both)
+                gs.wait_event(picked)
+                self._fork(gs)
+                for t in (idx, k):
+                    t.record_stream(gs)
+            with _on(gs) if self.fetch else contextlib.nullcontext():
+                if self.fetch:
+                    if not static:
+                        self.after_appends(layer)
+                    start, end = self._events() if not static else (None, None)
+                    t0 = time.perf_counter()
                     if start is not None:
-                        self._timed.append((start, end, timed_bytes, True))
-                else:
-                    self.stats["gather_s"] += time.perf_counter() - t0
-            elif self.cuda:
-                ready = torch.cuda.Event()
-                ready.record()
-        self.stats["row_bytes"] = hkv * 2 * d * dst.element_size()  # one token of a sequence: all kv heads
-        self.stats["batch"] = b
+                        start.record()
+                    if self.gather == "triton":  # the first k rows of each lane; padding -> zeros
+                        kernels.gather_selected(store.gather_source(layer), idx, k, dst, self.gather_programs)
+                        nbytes = None  # k rows a lane: known on the device only (_kb_sum)
+                        timed_bytes = (k, b * hkv * 2 * d * dst.element_size())
+                    else:  # all cap rows, padding included
+                        gather(store.gather_source(layer), select.flat_rows(idx, b, hkv, lane), dst)
+                        nbytes = timed_bytes = dst.numel() * dst.element_size()
+                        # counted here on the host, in both decode modes: a step with this gather is never
+                        # captured (policy._graph_fallback), so Python runs at every one of its fetches
+                        self.stats["gather_bytes"] += nbytes
+                    if self.cuda:
+                        ready = end if end is not None else _done(gs)
+                        if end is not None:
+                            end.record()
+                        if start is not None:
+                            self._timed.append((start, end, timed_bytes, True))
+                    else:
+                        self.stats["gather_s"] += time.perf_counter() - t0
+                elif self.cuda:
+                    ready = _done(self.spec_stream)
         kv = dst.view(b, hkv, cap, 2, d)
         return Fetched(kv[..., 0, :], kv[..., 1, :], ready, cap, nbytes, bias, idx, k)
 
     # -- measurements -----------------------------------------------------------------------
     def account(self, fetched: Fetched, batch: int, full: bool) -> None:
         """Count a fetch when it is used (a full-layer prefetch for a step that never comes is
-        not). Host integers only; the selected count k stays on the device (_k_sum)."""
+        not). Host integers only; the selected count k stays on the device (_k_sum, _kb_sum), and
+        a speculated layer's bytes are counted at its launch (used in the same step)."""
         if full:
             self.stats["full_tokens"] += fetched.tokens * batch
             self.stats["bytes"] += fetched.nbytes
         else:
             self.stats["sparse_fetches"] += 1
-            if fetched.nbytes is not None:
-                self.stats["gather_bytes"] += fetched.nbytes
 
-    def moved_bytes(self) -> tuple[int, int]:
+    def moved_bytes(self, token_bytes: int) -> tuple[int, int]:
         """(full layers' bytes, speculated layers' gathered bytes) host -> device, for metrics
-        after the run: the Triton gather's share is the device's count of selected rows."""
+        after the run: the Triton gather's share is the device's count of selected tokens x
+        token_bytes (one token of a sequence, all kv heads, K and V)."""
         gathered = self.stats["gather_bytes"]
         if self.fetch and self.gather == "triton":
-            gathered = self.selected_tokens() * self.stats["batch"] * self.stats["row_bytes"]
+            gathered = self.selected_tokens()[1] * token_bytes
         return self.stats["bytes"], gathered
 
-    def selected_tokens(self) -> int:
-        """Selected rows per (sequence, kv head) summed over speculated fetches (reads the device:
-        for metrics, after the run)."""
-        if self.cuda:
+    def selected_tokens(self) -> tuple[int, int]:
+        """Selected rows summed over speculated fetches: per (sequence, kv head), and per kv head
+        summed over sequences (x each fetch's batch). Reads the device: for metrics, after the run."""
+        if self.spec_stream is not None:  # the counters are added on the speculation stream
             torch.cuda.current_stream().wait_stream(self.spec_stream)
-        return int(self._k_sum)
+        k, kb = torch.stack([self._k_sum, self._kb_sum]).tolist()
+        return k, kb
 
     def _rate(self, which) -> tuple[float | None, float]:
         timed = [t for t in self._timed if which is None or t[3] == which]
@@ -343,3 +394,18 @@ class Transfer:
 
     def close(self) -> None:
         pass
+
+
+def _on(stream):
+    """Run on `stream`; None (CPU, streams `serial`): on the current stream."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _done(stream):
+    """An event after the work enqueued so far on the current stream, when that is the side stream
+    `stream` (the compute stream waits on it); None when the work is on the compute stream itself."""
+    if stream is None:
+        return None
+    ready = torch.cuda.Event()
+    ready.record()
+    return ready

@@ -32,7 +32,7 @@ def spec(framework, decode, prefill="sdpa", model="tiny-llama-3.1", prompt_len=2
                                    decode=decode, **kw))
 
 
-def run(s: CellSpec, policy_cls, compile: str = "none"):
+def build(s: CellSpec, policy_cls, compile: str = "none") -> Engine:
     policy = policy_cls(s)
     model = models.build(s.model, "random", "cpu", "float32", policy.attn_implementation(s.prefill), seed=0)
     with torch.no_grad():  # sharpened attention: H2O's selection then depends on content
@@ -42,6 +42,11 @@ def run(s: CellSpec, policy_cls, compile: str = "none"):
     policy.prepare(model)
     engine = Engine(model, policy, "cpu", s.prefill, s.chunk_size, max_len=s.prompt_len + s.gen_len, compile=compile)
     engine.collect_logits = True
+    return engine
+
+
+def run(s: CellSpec, policy_cls, compile: str = "none"):
+    engine = build(s, policy_cls, compile)
     ids = np.random.default_rng(7).integers(0, 1000, (3, s.prompt_len))
     engine.generate(ids[::-1].copy(), 4)  # the warm-up: shorter, other prompts, same shapes
     engine.generate(ids, s.gen_len)
@@ -140,8 +145,49 @@ def test_infinigen_graph_reset_counters_in_place():
     counts, k_sum = t.counts, t._k_sum
     e.policy.reset_metrics()
     assert t.counts is counts and t._k_sum is k_sum and not counts.any() and int(k_sum) == 0
-    e.generate(np.random.default_rng(3).integers(0, 1000, (3, 25)), 5)
-    assert e.policy.metrics()["decode_steps"] == 4
+    ids = np.random.default_rng(3).integers(0, 1000, (3, 25))
+    e.generate(ids, 5)
+    m = e.policy.metrics()
+    assert m["decode_steps"] == 4 and int(t._kb_sum) > 0
+    fresh = build(spec("infinigen", "graph", "eager", kv_budget=0.4), InfiniGenPolicy)
+    fresh.generate(ids, 5)
+    assert {k: m[k] for k in IG_COUNTERS} == {k: fresh.policy.metrics()[k] for k in IG_COUNTERS}
+
+
+PER_STEP = ("fetched_tokens_per_step", "fetched_tokens_per_step_speculated", "selected_bytes_per_step",
+            "fetched_bytes_per_step")
+
+
+@pytest.mark.parametrize("cls", [InfiniGenPolicy, pytest.param(_TritonGatherPolicy, marks=pytest.mark.skipif(
+    not kernels.available(), reason="triton is not installed"))])
+@pytest.mark.parametrize("decode", ["eager", "graph"])
+def test_infinigen_counters_count_each_fetch_with_its_own_batch(decode, cls):
+    """Bytes and tokens come from what each fetch moved, not from sizes the last launch left on the
+    host (a request-rate cell's batches differ in size; a measured batch replayed on CUDA after
+    reset_metrics runs no launch at all, and its speculated bytes read 0 that way on the H200).
+    Reference: each batch alone on a fresh engine, totals = per-step figures x steps."""
+    s = spec("infinigen", decode, "eager", kv_budget=0.4)
+    rng = np.random.default_rng(5)
+    batches = [rng.integers(0, 1000, (b, 25)) for b in (3, 2)]
+
+    def totals(engine):
+        m = engine.policy.metrics()
+        return m["decode_steps"], {k: m[k] * m["decode_steps"] for k in PER_STEP}
+
+    want_steps, want = 0, dict.fromkeys(PER_STEP, 0.0)
+    for ids in batches:
+        alone = build(s, cls)
+        alone.generate(ids, 6)
+        n, got = totals(alone)
+        want_steps += n
+        want = {k: want[k] + got[k] for k in PER_STEP}
+    both = build(s, cls)
+    for ids in batches:
+        both.generate(ids, 6)
+    steps, got = totals(both)
+    assert steps == want_steps == 2 * 5
+    assert got == pytest.approx(want, rel=1e-12)
+    assert want["fetched_tokens_per_step_speculated"] > 0
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
