@@ -54,9 +54,10 @@ TINY = [("correct/tiny-llama", "tiny-llama-3.1", "eager", 0.4, {}, "none"),
 
 
 # overlap variants (infinigen_overlap.VARIANTS) in the order they run, at the batches that miss the target
-NEW_VARIANTS = ("split", "serial", "green16", "split-prio", "split-green16", "green8", "green32")
+# (the default step is `split` since a4dbfbb: `side` is the layout it replaced)
+NEW_VARIANTS = ("side", "serial", "split-prio", "green16", "split-green16", "green8", "green32", "split")
 OLD_VARIANTS = ("prio", "fullgrid")  # measured at 7d916f0: no effect (kept, for the record)
-TINY_VARIANTS = ("split", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
+TINY_VARIANTS = ("side", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
 
 
 def plan(tiny: bool) -> list[tuple[str, float]]:

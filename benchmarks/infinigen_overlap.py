@@ -5,7 +5,8 @@ the gather's grid, the engine's step stream), measured beside the default in the
   prio        the speculation + gather stream at a higher priority
   fullgrid    a gather program per block of rows (the default: a persistent grid of 64)
   serial      everything on the compute stream: no overlap at all (the baseline)
-  split       the gather on a stream of its own, after the speculation's event (the next layer's
+  side        speculation and gather on one side stream (the default until split won on the H200)
+  split       (the default now) the gather on a stream of its own, after the speculation's event (the next layer's
               speculation no longer queues behind this layer's gather; gathers back to back on PCIe)
   split-prio  split, the speculation stream at a higher priority (it sits on the critical path)
   greenN      SM partitioning with CUDA green contexts: the side streams (speculation, gather,
@@ -21,6 +22,7 @@ VARIANTS: dict[str, dict] = {
     "prio": {"priority": -1},
     "fullgrid": {"programs": None},
     "serial": {"streams": "serial"},
+    "side": {"streams": "side"},  # the default before split (speculation and gather on one stream)
     "split": {"streams": "split"},
     "split-prio": {"streams": "split", "priority": -1},
     **{f"green{n}": {"green_sms": n} for n in (8, 16, 32)},
@@ -32,10 +34,15 @@ class Unsupported(Exception):
     """This torch / driver cannot run the variant: the check is recorded `unsupported` with the reason."""
 
 
-def configure(ctx, policy, engine, programs="default", priority: int = 0, streams: str = "side",
+def configure(ctx, policy, engine, programs="default", priority: int = 0, streams: str | None = None,
               green_sms: int | None = None) -> dict:
-    """Apply a variant to a freshly built policy + engine, before their first batch. Returns what was
-    set (recorded with the check's figures)."""
+    """Apply a variant to a freshly built policy + engine, before their first batch (streams None:
+    the default layout, transfer.STREAMS_DEFAULT). Returns what was set (recorded with the check's
+    figures)."""
+    from frameworks.infinigen.transfer import STREAMS_DEFAULT
+
+    changed = streams is not None
+    streams = streams or STREAMS_DEFAULT
     setting = {"streams": streams, "priority": priority, "programs": programs}
     if programs != "default":  # the Triton gather's grid (kernels.PROGRAMS by default; None: a program per block)
         policy.transfer.gather_programs = programs
@@ -44,7 +51,7 @@ def configure(ctx, policy, engine, programs="default", priority: int = 0, stream
         make, compute, info = green_streams(ctx, green_sms)
         engine.step_stream = compute  # the eager warm step, the capture and the replays
         setting["green"] = info
-    if streams != "side" or priority or make is not None:
+    if changed or priority or make is not None:
         if not policy.transfer.cuda:
             raise Unsupported("stream variants need CUDA")
         policy.transfer.set_streams(streams, priority, make)

@@ -25,10 +25,11 @@ Graph decode (cache.py): the same streams inside one captured step, forked from 
 stream by events and joined back at its end (join); appends are written on the compute stream
 through the store's device alias at a device-side position (append_at), full layers fetched by
 the Triton gather of a device-side row count (launch_full_static), no timing events.
-Streams (set_streams, the GPU benchmark's variants): `side` as above (the default), `split` (the
-gather on a stream of its own after the speculation's event: the next speculation no longer
-queues behind a gather), `serial` (all on the compute stream: no overlap, the baseline); the side
-streams may come from a CUDA green context (SMs of their own).
+Streams (set_streams, the GPU benchmark's variants): `split` (the default: the gather on a stream
+of its own after the speculation's event, so the next speculation no longer queues behind a
+gather; on the H200 0.74x the `side` step at batch 8, 0.95x at 32), `side` (speculation and gather
+on one side stream, as above), `serial` (all on the compute stream: no overlap, the baseline); the
+side streams may come from a CUDA green context (SMs of their own; slower on the H200).
 CPU device: the same code without streams, index_select on the host store itself, so every step
 but the zero-copy alias is exercised by the CPU tests (the Triton kernel runs there under
 Triton's interpreter).
@@ -70,6 +71,11 @@ def gather(src_rows: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> tor
     return torch.index_select(src_rows, 0, rows, out=out)
 
 
+# the stream layout of every InfiniGen cell on CUDA: `split` won beside `side` (the earlier default)
+# and `serial` on the H200 (results/reference/h200-2026-12-02/infinigen-overlap-a4dbfbb/)
+STREAMS_DEFAULT = "split"
+
+
 class Transfer:
     """One per policy: the side streams and the measurements."""
 
@@ -88,10 +94,10 @@ class Transfer:
             raise RuntimeError("gather='triton' needs the triton package (CUDA builds of torch bring it)")
         self.gather = gather
         self.gather_programs = kernels.PROGRAMS  # the Triton gather's grid (None: a program per block of rows)
-        self.streams = "side"
+        self.streams = STREAMS_DEFAULT
         self.spec_stream = self.gather_stream = self.copy_stream = self.append_stream = None
         if self.cuda:
-            self.set_streams("side")
+            self.set_streams(STREAMS_DEFAULT)
         self.appended: dict[int, object] = {}  # layer -> CUDA event after its last append
         self._zero = torch.zeros((), dtype=torch.float32, device=device)
         self._ninf = torch.full((), float("-inf"), dtype=torch.float32, device=device)
@@ -122,10 +128,10 @@ class Transfer:
     # -- stream helpers -----------------------------------------------------------------
     STREAMS = ("side", "split", "serial")
 
-    def set_streams(self, mode: str = "side", priority: int = 0, make_stream=None) -> None:
+    def set_streams(self, mode: str = STREAMS_DEFAULT, priority: int = 0, make_stream=None) -> None:
         """Where the transfers run (CUDA; the GPU benchmark's variants, measured beside the default):
-        `side` (the default): speculation and its gather on one side stream, full layers on another;
-        `split`: the gather on a stream of its own, waiting on the speculation's event only, so the
+        `side`: speculation and its gather on one side stream, full layers on another;
+        `split` (the default): the gather on a stream of its own, waiting on the speculation's event only, so the
         next layer's speculation (hidden by the compute) no longer queues behind this layer's
         gather, and the gathers follow each other on PCIe with no speculation between them;
         `serial`: everything on the compute stream, no overlap at all (the baseline).
