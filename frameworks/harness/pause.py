@@ -161,7 +161,7 @@ def sidecar(holder: int, own_root: int, registry: Path, lock_dirs: list[Path], r
                 try:
                     os.kill(pid, signal.SIGSTOP)
                     stopped[pid] = (procs[pid][1], root)
-                except ProcessLookupError:
+                except (ProcessLookupError, PermissionError):  # ended; another user's
                     pass
 
     scan()
@@ -181,7 +181,10 @@ def sidecar(holder: int, own_root: int, registry: Path, lock_dirs: list[Path], r
     for pid, (start, root) in stopped.items():
         st = _stat(pid)
         if st is not None and st[1] == start:
-            os.kill(pid, signal.SIGCONT)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         roots_stopped.add(root)
     for root in roots_stopped:  # what each stopped cell records in its provenance (stopped_s)
         f = registry / f"{root}.stopped"
