@@ -35,3 +35,17 @@ def test_cli_errors_on_a_missing_reference(tmp_path, capsys):
 def test_reads_a_shipped_reference_run(ref):
     df = compare.read_cells(compare.Path(ref))
     assert len(df) > 0 and {"peak_mem_gb", "output_tok_s"} <= set(df.columns)
+
+
+def test_a_reference_cell_is_keyed_by_the_id_todays_code_gives_its_spec():
+    # InfiniGen's default decode became graph: a reference cell that ran its eager step under the
+    # old default's id (no suffix) must not meet this run's graph cell of the same name
+    spec = dict(experiment="batch", framework="infinigen", model="tiny-llama-3.1", batch_size=2, prompt_len=16,
+                gen_len=4, kv_budget=0.2, prefill="flash", device="cpu")
+    eager = {"cell_id": "bs2_in16_out4_kv0.2_flash", "spec": {**spec, "decode": "eager"}}
+    graph = {"cell_id": "bs2_in16_out4_kv0.2_flash", "spec": {**spec, "decode": "graph"}}
+    before_the_key = {"cell_id": "bs2_in16_out4_kv0.2_flash", "spec": spec}  # ran transformers as-is
+    assert compare.canonical_id(eager) == "bs2_in16_out4_kv0.2_flash_deceager" == compare.canonical_id(before_the_key)
+    assert compare.canonical_id(graph) == "bs2_in16_out4_kv0.2_flash"
+    foreign = {"cell_id": "x", "spec": {**spec, "framework": "nope"}}
+    assert compare.canonical_id(foreign) == "x"

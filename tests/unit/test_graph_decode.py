@@ -80,8 +80,8 @@ def test_decode_key_defaults_and_ids():
     assert spec("hf", None).decode == "graph" and spec("hf", None).cell_id == "bs3_in25_out9_kv1_sdpa"
     assert spec("hf", "eager").cell_id.endswith("_deceager")
     ig = dict(experiment="t", framework="infinigen", model="tiny-llama-3.1", kv_budget=0.2, prefill="flash", device="cpu")
-    assert CellSpec.from_dict(ig).decode == "eager"  # its default until graph decode is verified on a GPU
-    assert CellSpec.from_dict({**ig, "decode": "graph"}).cell_id.endswith("_decgraph")
+    assert CellSpec.from_dict(ig).decode == "graph"  # its default since graph == eager was verified on the H200
+    assert CellSpec.from_dict({**ig, "decode": "eager"}).cell_id.endswith("_deceager")
     with pytest.raises(SpecError, match="supports decode"):
         spec("hf", "compiled")
 

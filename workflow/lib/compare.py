@@ -4,6 +4,10 @@ outside a stated tolerance; cells present on one side only are listed.
     python -m workflow.lib.compare --ref results/reference/<run> [--run results/cells] [--out results/compare.csv]
 (`make compare REF=results/reference/<run>`). A cell is matched by experiment/framework/model/cell id;
 both sides are read from their cell JSONs (a reference folder may hold other files: they are skipped).
+The cell id is the one today's code gives the stored spec (canonical_id): a framework's default
+decode mode keeps no suffix in the id, so a reference made under an older default (InfiniGen's
+eager step before graph decode became its default) would otherwise meet this run's other mode
+under the same name.
 """
 
 from __future__ import annotations
@@ -16,7 +20,20 @@ from pathlib import Path
 
 import pandas as pd
 
+from frameworks.harness.spec import CellSpec
 from workflow.lib.tables import row
+
+
+def canonical_id(head: dict) -> str:
+    """The id today's code gives a stored cell spec; a spec from before the `decode` key ran
+    transformers as-is (eager). The stored id where the spec no longer builds (a framework or a
+    mode gone): listed under it."""
+    spec = dict(head["spec"])
+    spec.setdefault("decode", "eager")
+    try:
+        return CellSpec.from_dict(spec).cell_id
+    except Exception:  # noqa: BLE001 - an older or foreign spec: its own id
+        return head["cell_id"]
 
 # relative tolerance per headline metric: timings move with the machine's load, memory little,
 # KV bytes not at all
@@ -37,7 +54,7 @@ def read_cells(root: Path) -> pd.DataFrame:
         if not isinstance(head, dict) or "cell_id" not in head or "spec" not in head:
             continue
         try:
-            rows.append(row(str(p)))
+            rows.append({**row(str(p)), "cell_id": canonical_id(head)})
         except Exception as e:  # noqa: BLE001 - an older schema: listed, not fatal
             print(f"compare: skipped {p}: {e}", file=sys.stderr)
     df = pd.DataFrame(rows)
