@@ -31,6 +31,7 @@ import os
 import select
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -129,13 +130,19 @@ def lock_holders(ours: set[int]) -> set[int]:
 
 
 def our_inodes(dirs: list[Path]) -> set[int]:
+    """The lock files of this pipeline itself: timing lock, cores, GPUs (`*.lock` in dirs) and
+    every cell supervisor's temp-dir owner lock (lifeline.py), held by every cell for its life."""
+    from frameworks.harness import lifeline
+
     out = set()
+    files = list(Path(tempfile.gettempdir()).glob(f"{lifeline.TEMP_PREFIX}*/{lifeline.LOCK_NAME}"))
     for d in dirs:
-        for f in d.glob("*.lock") if d.is_dir() else ():
-            try:
-                out.add(f.stat().st_ino)
-            except OSError:
-                pass
+        files += list(d.glob("*.lock")) if d.is_dir() else []
+    for f in files:
+        try:
+            out.add(f.stat().st_ino)
+        except OSError:
+            pass
     return out
 
 
@@ -145,14 +152,13 @@ def sidecar(holder: int, own_root: int, registry: Path, lock_dirs: list[Path], r
         pidfd = os.pidfd_open(holder)
     except (AttributeError, OSError):
         pidfd = None
-    inodes = our_inodes(lock_dirs)
     stopped: dict[int, tuple[int, int]] = {}  # pid -> (start time, its root)
     t0 = time.monotonic()
 
     def scan() -> None:
         procs = processes()
         keep = tree(own_root, procs) | ancestors(holder, procs) | ancestors(os.getpid(), procs) | {holder}
-        held = lock_holders(inodes)
+        held = lock_holders(our_inodes(lock_dirs))  # new cells bring new owner locks
         for root, _ in roots(registry):
             members = tree(root, procs) - keep
             if not members or members & held:

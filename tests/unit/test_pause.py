@@ -212,3 +212,31 @@ def test_killed_holder_resumes_the_others_even_if_its_child_keeps_the_release_pi
         holder.kill()
         holder.wait()
         os.kill(kid, signal.SIGKILL)
+
+
+def test_tree_holding_only_a_cell_owner_lock_is_stopped(lock_env, tree, tmp_path, monkeypatch):
+    # every cell's supervisor holds its temp dir's owner lock (lifeline.py) for its whole life:
+    # one of the pipeline's own locks, no reason to leave the cell running
+    from frameworks.harness import lifeline
+
+    tmp = tmp_path / "tmp"
+    owner = tmp / f"{lifeline.TEMP_PREFIX}x" / lifeline.LOCK_NAME
+    owner.parent.mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(tmp))  # the sidecar's tempfile.gettempdir()
+    held = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, time
+        fd = os.open({str(owner)!r}, os.O_CREAT | os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "locked"
+        pause.register(cputime.registry(str(lock_env)), held.pid)
+        with cputime.exclusive("cpu"):
+            assert state(held.pid) == "T"
+        assert wait_state(held.pid, False)
+    finally:
+        os.kill(held.pid, signal.SIGCONT)
+        held.kill()
+        held.wait()
