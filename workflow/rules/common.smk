@@ -39,6 +39,9 @@ RUNNER = config["runner"]
 VLLM_VENV = config.get("vllm_venv") or ".venv-vllm"
 VLLM_OWN_VENV = VLLM_VENV != "none"
 IMAGE_CONFIG = config.get("images") or {}
+# CPU cells: pause (stop the other cells while one times) | lock; in the shell command, not a
+# param, so that changing it reruns nothing (frameworks/harness/pause.py)
+CPU_TIMING = config.get("cpu_timing") or "pause"
 
 # figure -> the experiment whose table it plots (one script per figure: workflow/scripts/<figure>.py)
 FIGURES = {
