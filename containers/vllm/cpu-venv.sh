@@ -27,11 +27,18 @@ echo "cpu-venv: installing $lock into $venv (~4 min)" >&2
 "$venv/bin/pip" install --quiet --no-deps --require-hashes --only-binary=:all: -r "$lock"
 "$venv/bin/python" -c 'from vllm import LLM' 2>/dev/null || {
     echo "cpu-venv: $venv installed but \`from vllm import LLM\` fails" >&2; exit 1; }
-# vLLM imports without its CPU kernels (vllm/_C) and fails only when a cell starts its worker;
-# they link libnuma.so.1 (Debian/Ubuntu: apt-get install libnuma1)
-if ! out="$("$venv/bin/python" -c 'import vllm._C' 2>&1)"; then
-    echo "cpu-venv: vLLM's CPU kernels do not load ($(tail -n 1 <<<"$out")); libnuma.so.1 comes with" \
-         "apt-get install libnuma1" >&2
+# vLLM imports without its CPU kernels and fails only when a cell starts its worker. They come
+# in one library per ISA (vllm/_C: AVX-512 + BF16, _C_AVX512, _C_AVX2); vLLM's own loader picks
+# the one this CPU runs, so it is what is checked (importing vllm._C itself dies of SIGILL on a
+# CPU without AVX-512). They link libnuma.so.1 (Debian/Ubuntu: apt-get install libnuma1).
+if ! out="$("$venv/bin/python" -c '
+import torch
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+torch.ops._C.rms_norm  # raises when no kernel library loaded
+' 2>&1)"; then
+    echo "cpu-venv: vLLM's CPU kernels do not load ($(grep -i -m1 'failed to import' <<<"$out" || tail -n 1 <<<"$out"));" \
+         "libnuma.so.1 comes with apt-get install libnuma1" >&2
     exit 1
 fi
 echo "$want" > "$venv/.lock-sha256"

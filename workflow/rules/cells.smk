@@ -21,7 +21,7 @@ rule run_cell:
     shell:
         # workflow/lib/launch.py runs the same run-cell arguments locally, in docker or apptainer,
         # on a GPU of its own (GPU cells) or pinned to {threads} cores of its own (CPU cells)
-        '"$KVSTUDY_PYTHON" -m workflow.lib.launch {params.launch} --gpus {resources.gpu} --cpus {threads} --cpu-timing {CPU_TIMING} -- '
+        '"$KVSTUDY_PYTHON" -m workflow.lib.launch {params.launch} --gpus {resources.gpu} --cpus {threads} --cpu-timing "$KVSTUDY_CPU_TIMING" -- '
         "--spec {params.spec:q} --out {output.result:q} --threads {resources.torch_threads} > {log:q} 2>&1"
 
 

@@ -12,11 +12,15 @@ sys.path.insert(0, REPO)
 # Every job runs this interpreter with this checkout first on its path. Set through the shell
 # prefix, not params: interpreter and checkout paths differ between machines and invocations
 # (`snakemake` vs `python -m snakemake`), and a param change would rerun every cell.
+# CPU cells' timing mode, pause (stop the other cells while one times) | lock, likewise: a change
+# of it reruns nothing (frameworks/harness/pause.py; rule run_cell passes it to launch)
+CPU_TIMING = config.get("cpu_timing") or "pause"
 shell.prefix(
     "set -euo pipefail; "
     f"export KVSTUDY_PYTHON={shlex.quote(sys.executable)}; "
     # (Snakemake formats the prefix too: doubled braces reach the shell single)
     f"export PYTHONPATH={shlex.quote(REPO)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    f"export KVSTUDY_CPU_TIMING={shlex.quote(str(CPU_TIMING))}; "
 )
 
 from snakemake.exceptions import WorkflowError
@@ -39,9 +43,6 @@ RUNNER = config["runner"]
 VLLM_VENV = config.get("vllm_venv") or ".venv-vllm"
 VLLM_OWN_VENV = VLLM_VENV != "none"
 IMAGE_CONFIG = config.get("images") or {}
-# CPU cells: pause (stop the other cells while one times) | lock; in the shell command, not a
-# param, so that changing it reruns nothing (frameworks/harness/pause.py)
-CPU_TIMING = config.get("cpu_timing") or "pause"
 
 # figure -> the experiment whose table it plots (one script per figure: workflow/scripts/<figure>.py)
 FIGURES = {
