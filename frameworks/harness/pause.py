@@ -61,6 +61,12 @@ def register(registry: Path, pid: int | None = None) -> None:
     (registry / str(pid)).write_text(str(st[1]))
 
 
+def unregister(registry: Path, pid: int) -> None:
+    """A root's entry and its stopped-seconds file, removed when it ends (after its provenance)."""
+    for f in (registry / str(pid), registry / f"{pid}.stopped"):
+        f.unlink(missing_ok=True)
+
+
 def roots(registry: Path) -> list[tuple[int, int]]:
     """Live registered roots (pid, start time); stale entries are removed."""
     out = []

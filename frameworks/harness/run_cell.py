@@ -19,14 +19,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from frameworks.harness import lifeline, provenance, result
+from frameworks.harness import cputime, lifeline, pause, provenance, result
 from frameworks.harness.lifeline import kill_group
 from frameworks.harness.spec import CellSpec, SpecError
 from frameworks.harness.worker import now
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    finally:  # the launcher registered this pid as a cell root (pause.py); a killed cell's entry is stale, removed by the next scan
+        lock = os.environ.get(cputime.ENV)
+        if lock and os.environ.get(pause.ROOT_ENV) == str(os.getpid()):
+            pause.unregister(cputime.registry(lock), os.getpid())
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="run-cell", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", required=True, help="cell spec as JSON (see frameworks/harness/spec.py)")
     ap.add_argument("--out", required=True, help="result JSON path")

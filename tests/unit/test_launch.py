@@ -114,3 +114,15 @@ def test_local_cell_gets_the_shared_inductor_cache(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         launch.main(["--runner", "local", "--", "--spec", "{}", "--out", "x.json"])
     assert seen["env"]["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+
+
+def test_local_cpu_cell_unregisters_its_pause_root_when_it_ends(tmp_path):
+    # the launcher registers the cell's pid under results/.cpu-cells/ (pause.py) and execs run-cell,
+    # which removes it when it ends, whatever its outcome (here: a bad spec, exit 2)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "workflow.lib.launch", "--runner", "local", "--cpu-timing", "pause", "--",
+                        "--spec", "{}", "--out", "x.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and "bad spec" in p.stderr, p.stderr
+    registry = cputime.registry(str(tmp_path / "results" / cputime.FILE_NAME))
+    assert registry.is_dir() and not list(registry.iterdir())
