@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from frameworks.harness import loop
 from frameworks.harness.memory import MemoryMonitor
 from frameworks.harness.spec import CellSpec
@@ -28,6 +30,29 @@ def test_measure_order_and_counts():
     assert m.memory["peak_rss_gb"] > 0 and m.memory["peak_gpu_mem_gb"] is None
     assert loop.warmup_gen_len(s) == 6  # CPU: the whole length
     assert loop.warmup_gen_len(spec(device="cuda")) == 4 and loop.warmup_gen_len(spec(device="cuda", gen_len=2)) == 2
+
+
+def test_repetitions_run_without_the_cyclic_gc_and_collect_between():
+    import gc
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    seen = []
+
+    def rep(r):
+        Cycle()  # garbage only the cyclic collector frees
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0, sum(isinstance(o, Cycle) for o in gc.get_objects())))
+        return [r], 1.0
+
+    assert gc.isenabled()
+    loop.measure(spec(repetitions=3), lambda w: None, rep, MemoryMonitor("cpu"))
+    # disabled in every repetition, the heap before them frozen; each starts with the previous one's cycle collected
+    assert seen == [(False, True, 1)] * 3 and gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError):  # enabled again whatever ends a repetition
+        loop.measure(spec(), lambda w: None, lambda r: (_ for _ in ()).throw(RuntimeError("x")), MemoryMonitor("cpu"))
+    assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_requests_same_draw_for_every_framework():
