@@ -53,11 +53,14 @@ TINY = [("correct/tiny-llama", "tiny-llama-3.1", "eager", 0.4, {}, "none"),
         ("correct/tiny-opt", "tiny-opt", "chunked", 0.4, {"partial_columns": "warmup"}, "none")]
 
 
-# overlap variants (infinigen_overlap.VARIANTS) in the order they run, at the batches that miss the target
+# overlap variants (infinigen_overlap.VARIANTS) in the order they run: the new ones at every batch (one
+# that wins at 8 and 32 must not lose at 1), the old ones at the batches that miss the target
 # (the default step is `split` since a4dbfbb: `side` is the layout it replaced)
-NEW_VARIANTS = ("side", "serial", "split-prio", "green16", "split-green16", "green8", "green32", "split")
-OLD_VARIANTS = ("prio", "fullgrid")  # measured at 7d916f0: no effect (kept, for the record)
-TINY_VARIANTS = ("side", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
+NEW_VARIANTS = ("split-gathergreen16", "split-gathergreen32", "split-gathergreen8", "split-prog16", "split-prog32",
+                "split-green16", "green8", "green32")
+# measured at df09fb5 (side, split-prio) and a4dbfbb (serial, green16), prio and fullgrid at 7d916f0: kept, for the record
+OLD_VARIANTS = ("side", "serial", "split-prio", "green16", "prio", "fullgrid", "split")
+TINY_VARIANTS = ("side", "serial", "green16", "split-gathergreen16")  # correct/tiny-llama@v: graph == eager under the variant
 
 
 def plan(tiny: bool) -> list[tuple[str, float]]:
@@ -69,7 +72,7 @@ def plan(tiny: bool) -> list[tuple[str, float]]:
         return v + compiled
     for b in BATCHES:
         v += [(f"8b/graph-fetch/bs{b}", 12 + 0.6 * b), (f"8b/graph-nofetch/bs{b}", 10 + 0.3 * b)]
-    v += [(f"8b/graph-fetch-{x}/bs{b}", 12 + 0.6 * b) for x in NEW_VARIANTS for b in BATCHES[1:]]
+    v += [(f"8b/graph-fetch-{x}/bs{b}", 12 + 0.6 * b) for x in NEW_VARIANTS for b in BATCHES]
     v += [(f"8b/graph-fetch-{x}/bs{b}", 12 + 0.6 * b) for x in OLD_VARIANTS for b in BATCHES[1:]]
     v.append(("8b/correct", 25))
     v += compiled

@@ -13,6 +13,10 @@ the gather's grid, the engine's step stream), measured beside the default in the
               full-layer copy) on a green context of N SMs, the captured step on one of the
               remaining SMs (a disjoint split of the device's SMs, cuDevSmResourceSplitByCount)
   split-greenN  split on those partitions
+  split-gathergreenN  split, only the gather (and the full-layer copies) on the N-SM green context; the
+              speculation on a stream of the step's partition (greenN starves the speculation, which
+              needs many SMs for a short time, while the gather needs few for a long time)
+  split-progN  split, the gather's persistent grid of N programs (default 64): fewer SMs held while it waits on PCIe
 Nothing here changes a default: the lead picks one after the GPU run.
 """
 
@@ -27,6 +31,8 @@ VARIANTS: dict[str, dict] = {
     "split-prio": {"streams": "split", "priority": -1},
     **{f"green{n}": {"green_sms": n} for n in (8, 16, 32)},
     "split-green16": {"streams": "split", "green_sms": 16},
+    **{f"split-gathergreen{n}": {"streams": "split", "green_sms": n, "green_spec": "step"} for n in (8, 16, 32)},
+    **{f"split-prog{n}": {"streams": "split", "programs": n} for n in (16, 32)},
 }
 
 
@@ -35,7 +41,7 @@ class Unsupported(Exception):
 
 
 def configure(ctx, policy, engine, programs="default", priority: int = 0, streams: str | None = None,
-              green_sms: int | None = None) -> dict:
+              green_sms: int | None = None, green_spec: str = "side") -> dict:
     """Apply a variant to a freshly built policy + engine, before their first batch (streams None:
     the default layout, transfer.STREAMS_DEFAULT). Returns what was set (recorded with the check's
     figures)."""
@@ -46,15 +52,17 @@ def configure(ctx, policy, engine, programs="default", priority: int = 0, stream
     setting = {"streams": streams, "priority": priority, "programs": programs}
     if programs != "default":  # the Triton gather's grid (kernels.PROGRAMS by default; None: a program per block)
         policy.transfer.gather_programs = programs
-    make = None
+    make = make_spec = None
     if green_sms:
-        make, compute, info = green_streams(ctx, green_sms)
+        make, compute, info, make_step = green_streams(ctx, green_sms)
         engine.step_stream = compute  # the eager warm step, the capture and the replays
-        setting["green"] = info
+        if green_spec == "step":
+            make_spec = make_step
+        setting["green"] = dict(info, spec=green_spec)
     if changed or priority or make is not None:
         if not policy.transfer.cuda:
             raise Unsupported("stream variants need CUDA")
-        policy.transfer.set_streams(streams, priority, make)
+        policy.transfer.set_streams(streams, priority, make, make_spec)
     return setting
 
 
@@ -71,7 +79,7 @@ def _torch_green_api(torch) -> str:
 
 
 def green_streams(ctx, n_sms: int):
-    """(make_side_stream, compute_stream, info) on a disjoint split of the device's SMs: a green
+    """(make_side_stream, compute_stream, info, make_step_stream) on a disjoint split of the device's SMs: a green
     context of >= n_sms SMs for the side streams and one of the remainder for the step. torch's
     GreenContext.create(num_sms) takes each context from the same first SMs (the split's remainder
     is dropped), so two of them would overlap; the driver API's split returns the remainder, used
@@ -117,6 +125,6 @@ def green_streams(ctx, n_sms: int):
 
     info = {"side_sms": groups[0].sm.smCount, "step_sms": rest.sm.smCount, "device_sms": sms.sm.smCount,
             "torch_api": api}
-    cache[n_sms] = (lambda: stream(side_ctx), stream(step_ctx), info)
+    cache[n_sms] = (lambda: stream(side_ctx), stream(step_ctx), info, lambda: stream(step_ctx))
     ctx.__dict__.setdefault("green_handles", []).append((side_ctx, step_ctx, streams))
     return cache[n_sms]

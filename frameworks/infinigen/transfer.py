@@ -128,7 +128,8 @@ class Transfer:
     # -- stream helpers -----------------------------------------------------------------
     STREAMS = ("side", "split", "serial")
 
-    def set_streams(self, mode: str = STREAMS_DEFAULT, priority: int = 0, make_stream=None) -> None:
+    def set_streams(self, mode: str = STREAMS_DEFAULT, priority: int = 0, make_stream=None,
+                    make_spec_stream=None) -> None:
         """Where the transfers run (CUDA; the GPU benchmark's variants, measured beside the default):
         `side`: speculation and its gather on one side stream, full layers on another;
         `split` (the default): the gather on a stream of its own, waiting on the speculation's event only, so the
@@ -136,7 +137,8 @@ class Transfer:
         gather, and the gathers follow each other on PCIe with no speculation between them;
         `serial`: everything on the compute stream, no overlap at all (the baseline).
         priority: of the speculation stream (< 0: higher). make_stream(): a new side stream
-        (e.g. a green context's Stream(), so the side work runs on SMs of its own)."""
+        (e.g. a green context's Stream(), so the side work runs on SMs of its own); make_spec_stream():
+        the speculation's stream, if not make_stream's (e.g. on the step's SMs, the gather's on its own)."""
         if mode not in self.STREAMS:
             raise ValueError(f"unknown streams {mode!r}: one of {', '.join(self.STREAMS)}")
         if not self.cuda:
@@ -146,7 +148,10 @@ class Transfer:
         if mode == "serial":
             self.spec_stream = self.gather_stream = self.copy_stream = None
         else:
-            self.spec_stream = new(priority) if make_stream is None else make_stream()
+            if make_spec_stream is not None:
+                self.spec_stream = make_spec_stream()
+            else:
+                self.spec_stream = new(priority) if make_stream is None else make_stream()
             self.gather_stream = self.spec_stream if mode == "side" else new()
             self.copy_stream = new()
         self.append_stream = new()  # eager decode's appends (device -> host): never on the compute stream
