@@ -37,7 +37,9 @@ def requests(spec, vocab_size: int) -> tuple[np.ndarray, np.ndarray | None]:
 def frozen_heap():
     """The repetitions' heap (torch, transformers, the model: ~450 000 objects for a tiny model,
     a full collection of which took 0.2 s on the 2-vCPU smoke host) frozen out of the cyclic
-    collector: the collections between repetitions then scan only what was made since."""
+    collector: the collections between repetitions then scan only what was made since. Frozen
+    before the warm-up (measure): the full collection walks the whole heap, and right before the
+    first repetition it made that one 20-40% slower than the next (smoke TTFT cells, 2-vCPU host)."""
     gc.collect()
     gc.freeze()
     try:
@@ -79,7 +81,7 @@ def measure(spec, warm: Callable[[int], object], rep: Callable[[int], tuple[list
     """spec.warmup calls of warm(w), then spec.repetitions calls of rep(r) -> (timings, duration_s)
     inside `monitor`. before_measure runs between the two (reset peaks, snapshot counters)."""
     # CPU cells: no other cell's warm-up or repetitions on this host meanwhile (cputime.py)
-    with cputime.exclusive(spec.device):
+    with cputime.exclusive(spec.device), frozen_heap():
         t0 = time.perf_counter()
         for w in range(spec.warmup):
             warm(w)
@@ -87,7 +89,7 @@ def measure(spec, warm: Callable[[int], object], rep: Callable[[int], tuple[list
         if before_measure is not None:
             before_measure()
         timings, durations = [], []
-        with monitor, frozen_heap():
+        with monitor:
             for r in range(spec.repetitions):
                 with no_cyclic_gc():
                     t, d = rep(r)

@@ -47,9 +47,11 @@ def test_repetitions_run_without_the_cyclic_gc_and_collect_between():
         return [r], 1.0
 
     assert gc.isenabled()
-    loop.measure(spec(repetitions=3), lambda w: None, rep, MemoryMonitor("cpu"))
+    warm = []
+    loop.measure(spec(repetitions=3), lambda w: warm.append(gc.get_freeze_count() > 0), rep, MemoryMonitor("cpu"))
     # disabled in every repetition, the heap before them frozen; each starts with the previous one's cycle collected
     assert seen == [(False, True, 1)] * 3 and gc.isenabled() and gc.get_freeze_count() == 0
+    assert warm and all(warm)  # frozen before the warm-up: its full collection is not the first repetition's cold start
     with pytest.raises(RuntimeError):  # enabled again whatever ends a repetition
         loop.measure(spec(), lambda w: None, lambda r: (_ for _ in ()).throw(RuntimeError("x")), MemoryMonitor("cpu"))
     assert gc.isenabled() and gc.get_freeze_count() == 0
