@@ -56,8 +56,9 @@ TINY = [("correct/tiny-llama", "tiny-llama-3.1", "eager", 0.4, {}, "none"),
 # overlap variants (infinigen_overlap.VARIANTS) in the order they run: the new ones at every batch (one
 # that wins at 8 and 32 must not lose at 1), the old ones at the batches that miss the target
 # (the default step is `split` since a4dbfbb: `side` is the layout it replaced)
-NEW_VARIANTS = ("split-gathergreen16", "split-gathergreen32", "split-gathergreen8", "split-prog16", "split-prog32",
-                "split-green16", "green8", "green32")
+NEW_VARIANTS = ("split-gathergreen8", "split-gathergreen8-prog128", "split-gathergreen8-prio", "split-gathergreen8-prog32",
+                "split-gathergreen16", "split-gathergreen32", "split-prog16", "split-prog32", "split-green16", "green8",
+                "green32")
 # measured at df09fb5 (side, split-prio) and a4dbfbb (serial, green16), prio and fullgrid at 7d916f0: kept, for the record
 OLD_VARIANTS = ("side", "serial", "split-prio", "green16", "prio", "fullgrid", "split")
 TINY_VARIANTS = ("side", "serial", "green16", "split-gathergreen16")  # correct/tiny-llama@v: graph == eager under the variant

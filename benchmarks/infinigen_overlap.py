@@ -17,6 +17,8 @@ the gather's grid, the engine's step stream), measured beside the default in the
               speculation on a stream of the step's partition (greenN starves the speculation, which
               needs many SMs for a short time, while the gather needs few for a long time)
   split-progN  split, the gather's persistent grid of N programs (default 64): fewer SMs held while it waits on PCIe
+  split-gathergreen8-progN / -prio  split-gathergreen8 with a gather grid of N programs / the speculation
+              stream (on the step's SMs) at a higher priority
 Nothing here changes a default: the lead picks one after the GPU run.
 """
 
@@ -33,6 +35,9 @@ VARIANTS: dict[str, dict] = {
     "split-green16": {"streams": "split", "green_sms": 16},
     **{f"split-gathergreen{n}": {"streams": "split", "green_sms": n, "green_spec": "step"} for n in (8, 16, 32)},
     **{f"split-prog{n}": {"streams": "split", "programs": n} for n in (16, 32)},
+    **{f"split-gathergreen8-prog{n}": {"streams": "split", "green_sms": 8, "green_spec": "step", "programs": n}
+       for n in (32, 128)},
+    "split-gathergreen8-prio": {"streams": "split", "green_sms": 8, "green_spec": "step", "priority": -1},
 }
 
 
@@ -57,7 +62,7 @@ def configure(ctx, policy, engine, programs="default", priority: int = 0, stream
         make, compute, info, make_step = green_streams(ctx, green_sms)
         engine.step_stream = compute  # the eager warm step, the capture and the replays
         if green_spec == "step":
-            make_spec = make_step
+            make_spec = lambda: make_step(priority)  # noqa: E731
         setting["green"] = dict(info, spec=green_spec)
     if changed or priority or make is not None:
         if not policy.transfer.cuda:
@@ -118,13 +123,14 @@ def green_streams(ctx, n_sms: int):
     side_ctx, step_ctx = context(groups[0], "side"), context(rest, "step")
     streams = []  # the CUstream handles behind the ExternalStreams stay referenced here
 
-    def stream(green):
-        s = ok(drv.cuGreenCtxStreamCreate(green, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0), "cuGreenCtxStreamCreate")
+    def stream(green, priority=0):
+        s = ok(drv.cuGreenCtxStreamCreate(green, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, priority),
+               "cuGreenCtxStreamCreate")
         streams.append(s)
         return torch.cuda.ExternalStream(int(s), device=index)
 
     info = {"side_sms": groups[0].sm.smCount, "step_sms": rest.sm.smCount, "device_sms": sms.sm.smCount,
             "torch_api": api}
-    cache[n_sms] = (lambda: stream(side_ctx), stream(step_ctx), info, lambda: stream(step_ctx))
+    cache[n_sms] = (lambda: stream(side_ctx), stream(step_ctx), info, lambda prio=0: stream(step_ctx, prio))
     ctx.__dict__.setdefault("green_handles", []).append((side_ctx, step_ctx, streams))
     return cache[n_sms]
