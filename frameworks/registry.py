@@ -66,7 +66,7 @@ FRAMEWORKS: dict[str, Framework] = {
             full_cache_only=False,
             prefill_modes=("eager", "flash", "chunked"),
             policy_keys=frozenset({"alpha", "partial_weight_ratio", "max_num_kv", "full_layers", "budget_rule",
-                                  "speculation_input", "partial_columns", "min_fetch"}),
+                                  "speculation_input", "partial_columns", "min_fetch", "gather_sms"}),
             policy_check="frameworks.infinigen.options:check",
             on_engine=True,
             # graph decode (frameworks/infinigen/cache.py) equals eager on the H200 (benchmarks/gpu_infinigen_graph.py,

@@ -28,6 +28,7 @@ class KVPolicy:
 
     name = "full"
     decode_modes = DECODE_MODES
+    step_stream = None  # graph decode on CUDA: the stream the engine runs and captures the step on (None: its own)
 
     def __init__(self, spec):
         self.spec = spec

@@ -19,6 +19,10 @@ partial_columns ("prefill"): the kept columns are picked from each batch's promp
     warm-up queries that also give the skew.
 min_fetch (0): fewest tokens a speculated layer fetches per step; upstream fetches none when
     no token is within alpha (alpha = 0), 1 was this artifact's former floor.
+gather_sms (8): CUDA graph decode only, an engine setting, not upstream's algorithm: SMs of the
+    GPU kept for the gather of host rows (a CUDA green context, green.py), the captured step and
+    the speculation on the others; 0: every kernel on every SM (the layout until 2026-12-03).
+    Where the split cannot be made the cell runs unpartitioned and says why (`sm_partition`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import math
 from dataclasses import dataclass
 
 DEFAULTS = {"alpha": 4.0, "partial_weight_ratio": 0.2, "max_num_kv": None, "full_layers": 1, "budget_rule": "fixed",
-            "speculation_input": "own_norm", "partial_columns": "prefill", "min_fetch": 0}
+            "speculation_input": "own_norm", "partial_columns": "prefill", "min_fetch": 0,
+            "gather_sms": 8}
 CHOICES = {"budget_rule": ("fixed", "current"), "speculation_input": ("own_norm", "next_norm"),
            "partial_columns": ("prefill", "warmup")}
 
@@ -42,6 +47,7 @@ class Options:
     speculation_input: str = DEFAULTS["speculation_input"]
     partial_columns: str = DEFAULTS["partial_columns"]
     min_fetch: int = DEFAULTS["min_fetch"]
+    gather_sms: int = DEFAULTS["gather_sms"]
 
 
 def _number(name, v) -> float:
@@ -74,7 +80,8 @@ def parse(policy: dict | None) -> Options:
         if opts[key] not in allowed:
             raise ValueError(f"{key} must be one of {allowed}, got {opts[key]!r}")
     return Options(alpha, ratio, max_num_kv, full_layers, opts["budget_rule"], opts["speculation_input"],
-                   opts["partial_columns"], _integer("min_fetch", opts["min_fetch"], 0))
+                   opts["partial_columns"], _integer("min_fetch", opts["min_fetch"], 0),
+                   _integer("gather_sms", opts["gather_sms"], 0))
 
 
 def check(spec) -> None:

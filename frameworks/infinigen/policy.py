@@ -91,6 +91,25 @@ class InfiniGenPolicy(KVPolicy):
         if self.transfer.cuda and self.transfer.gather == "triton":
             kernels.self_check(self.device)  # builds the kernel now: a missing compiler fails at load
         self.graph_fallback = self._graph_fallback()
+        self.sm_partition = self._partition()
+
+    def _partition(self) -> dict | None:
+        """Graph decode on CUDA with the Triton gather: the gather's streams on `gather_sms` SMs of their
+        own, the captured step and the speculation on the rest (green.py). None: not asked for or not
+        applicable (CPU, eager decode); {"error": why}: asked for and unavailable, unpartitioned."""
+        n = self.opts.gather_sms
+        if not n or not self.static or not self.transfer.cuda or self.transfer.gather != "triton":
+            return None
+        from frameworks.infinigen import green
+        from frameworks.infinigen.transfer import STREAMS_DEFAULT
+
+        try:
+            part = green.partition(n, self.device)
+        except green.Unavailable as e:
+            return {"requested_sms": n, "error": str(e)}
+        self.transfer.set_streams(STREAMS_DEFAULT, 0, part.make_side, part.make_step)
+        self.step_stream = part.step_stream
+        return {"requested_sms": n, **part.info}
 
     def _pre_hook(self, i: int, module, args, kwargs):
         cache = kwargs.get("past_key_values")
@@ -167,13 +186,14 @@ class InfiniGenPolicy(KVPolicy):
                 "alpha": self.alpha, "partial_weight_ratio": self.ratio, "max_num_kv": self.max_num_kv,
                 "kv_budget": self.kv_budget, "full_layers": self.full_layers, "budget_rule": self.opts.budget_rule,
                 "speculation_input": self.opts.speculation_input, "partial_columns": self.opts.partial_columns,
-                "min_fetch": self.opts.min_fetch,
+                "min_fetch": self.opts.min_fetch, "gather_sms": self.opts.gather_sms,
                 "partial_dims": int(next(iter(self.skews.values())).proj.shape[-1]) if self.skews else None,
                 "skew_energy_kept": float(np.mean([v.energy for v in self.skews.values()])) if self.skews else None,
                 "gather": ("uva-" if t.cuda else "cpu-") + t.gather,
                 "fetch": t.fetch,
             },
             "infinigen_graph_fallback": self.graph_fallback,  # None: graph decode on device positions (or eager)
+            "sm_partition": self.sm_partition,  # the gather's SMs (gather_sms): None where not applicable
             "decode_steps": s["steps"],
             "graph_decode_steps": s["graph_steps"],  # of them on device positions (graph decode)
             # tokens: one token of one sequence, all its kv heads (the speculated layers fetch the

@@ -471,7 +471,8 @@ def test_unsupported_family_is_a_clear_error():
 
 
 @pytest.mark.parametrize("policy,match", [({"alpha": -1}, "alpha"), ({"partial_weight_ratio": 0}, "partial_weight_ratio"),
-                                          ({"full_layers": 0}, "full_layers"), ({"max_num_kv": 0}, "max_num_kv")])
+                                          ({"full_layers": 0}, "full_layers"), ({"max_num_kv": 0}, "max_num_kv"),
+                                          ({"gather_sms": -8}, "gather_sms"), ({"gather_sms": 8.0}, "gather_sms")])
 def test_bad_options(policy, match):
     with pytest.raises(ValueError, match=match):
         InfiniGenPolicy(_spec(LLAMA, **policy))
@@ -490,6 +491,17 @@ def test_adapter_runs_a_cell_with_metrics():
     assert g.extra["decode"] == "graph" and g.extra["infinigen_graph_fallback"] is None
     assert g.extra["graph_decode_steps"] == g.extra["decode_steps"] > 0
     assert g.extra["fetched_tokens_per_step"] == m.extra["fetched_tokens_per_step"]
+    # the gather's own SMs are a CUDA graph-decode setting: recorded, and not applicable on a CPU
+    assert g.extra["infinigen"]["gather_sms"] == 8 and g.extra["sm_partition"] is None and m.extra["sm_partition"] is None
+
+
+def test_green_partition_is_unavailable_without_cuda():
+    from frameworks.infinigen import green
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device: the GPU check (benchmarks/gpu_infinigen_graph.py) runs the partition")
+    with pytest.raises(green.Unavailable, match="CUDA"):
+        green.partition(8)
 
 
 # -- prefill is prefill whatever the chunking (issue #10 items 2, 3) ------------------------
