@@ -3,7 +3,7 @@
 The default step (no variant): streams `split`, the gather on 8 SMs of its own (policy key
 gather_sms, frameworks/infinigen/green.py), the step and the speculation on the rest. A variant
 rebuilds the layout from scratch with its settings, unpartitioned unless it names green_sms
-(transfer.Transfer.set_streams, the gather's grid, the engine's step stream), and is measured
+(transfer.Transfer.set_streams, the gather's grid, the policy's step stream), and is measured
 beside the default in the same run:
   prio        the speculation + gather stream at a higher priority
   fullgrid    a gather program per block of rows (the default: a persistent grid of 64)
@@ -67,11 +67,11 @@ def configure(ctx, policy, engine, programs="default", priority: int = 0, stream
     if programs != "default":  # the Triton gather's grid (kernels.PROGRAMS by default; None: a program per block)
         policy.transfer.gather_programs = programs
     make = make_spec = None
-    policy.step_stream = engine.step_stream = None  # unpartitioned unless green_sms
+    policy.step_stream = None  # unpartitioned unless green_sms
     if green_sms:
         part = green_partition(green_sms)
         make = part.make_side
-        engine.step_stream = part.step_stream  # the eager warm step, the capture and the replays
+        policy.step_stream = part.step_stream  # the eager warm step, the capture and the replays
         if green_spec == "step":
             make_spec = lambda: part.make_step(priority)  # noqa: E731
         setting["green"] = dict(part.info, spec=green_spec)

@@ -59,7 +59,6 @@ class Engine:
         self._steps: dict[int, tuple] = {}  # id(cache) -> (cache, DecodeStep), the current cache only
         self._pool = None  # the CUDA graph memory pool of the current captured step
         self._graph_stats = {"graphs": 0, "capture_s": 0.0}
-        self.step_stream = None  # graph mode: the stream the decode step runs and is captured on (DecodeStep; None: the policy's)
         self.calls: list[tuple[int, int, int]] = []  # teacher_forced: (batch, tokens, KV bytes on the device)
 
     def _sync(self) -> None:
@@ -124,7 +123,7 @@ class Engine:
                 self._pool = torch.cuda.graph_pool_handle()
             entry = (cache, DecodeStep(self.model, cache, b, max_len, self.device, self.policy.decode_mask,
                                        self.capture, self._pool, self._graph_stats, self._regions, self._fused,
-                                       self.step_stream if self.step_stream is not None else self.policy.step_stream))
+                                       self.policy.step_stream))
             self._steps[id(cache)] = entry
         return entry[1]
 

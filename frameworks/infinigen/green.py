@@ -51,16 +51,11 @@ def _torch_api() -> str:
     return f"torch {torch.__version__}: green contexts SUPPORTED={getattr(gcm, 'SUPPORTED', '?')}"
 
 
-def partition(n_sms: int, device: torch.device | int | None = None) -> Partition:
+def partition(n_sms: int, device: torch.device | None = None) -> Partition:
     """The current CUDA device (or `device`) split into >= n_sms SMs and the rest (cached)."""
     if not torch.cuda.is_available():
         raise Unavailable("green contexts need CUDA")
-    if isinstance(device, int):
-        index = device
-    elif device is None or device.index is None:
-        index = torch.cuda.current_device()
-    else:
-        index = device.index
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
     key = (index, n_sms)
     if key in _CACHE:
         return _CACHE[key]

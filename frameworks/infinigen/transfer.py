@@ -148,10 +148,8 @@ class Transfer:
         if mode == "serial":
             self.spec_stream = self.gather_stream = self.copy_stream = None
         else:
-            if make_spec_stream is not None:
-                self.spec_stream = make_spec_stream()
-            else:
-                self.spec_stream = new(priority) if make_stream is None else make_stream()
+            make_spec = make_spec_stream or make_stream
+            self.spec_stream = make_spec() if make_spec is not None else new(priority)
             self.gather_stream = self.spec_stream if mode == "side" else new()
             self.copy_stream = new()
         self.append_stream = new()  # eager decode's appends (device -> host): never on the compute stream
