@@ -17,6 +17,8 @@ one continues with the checks not yet recorded, so one call gives every answer i
                batch 8/32: the default graph step with one setting changed, its step against the default's
                (step_vs_default) and against the target; correct/tiny-llama@V: graph == eager under V.
                A variant this torch / driver cannot run is recorded `unsupported` with the reason
+  spec/bsB     the fused speculation vs the torch ops it replaced, bf16 at the 8B's shapes: same k and
+               tokens (pass: overlap >= 0.99 of the selected tokens: bf16 near-ties), time a layer on an idle GPU
   8b/correct   8B bf16 graph vs eager, batch 2, 16 generated: logit difference and token agreement (report)
   8b/eager-*   the eager step at the same batches (64 generated), for comparison
 Writes DIR/infinigen_graph.jsonl (one line per check) and DIR/infinigen_graph_summary.json.
@@ -57,13 +59,13 @@ TINY = [("correct/tiny-llama", "tiny-llama-3.1", "eager", 0.4, {}, "none"),
 # that wins at 8 and 32 must not lose at 1), the old ones at the batches that miss the target
 # (the default step: `split` with the gather on 8 SMs of its own, since 2026-12-03; `split` alone
 # is the layout it replaced, `side` the one before)
-NEW_VARIANTS = ("split", "split-gathergreen8-prog128", "split-gathergreen16")
-# measured at 9ec5a6d and 5000dc8 (results/reference/h200-2026-12-03/), df09fb5 (side, split-prio), a4dbfbb (serial,
-# green16), 7d916f0 (prio, fullgrid): kept, for the record
-OLD_VARIANTS = ("split-gathergreen8", "split-gathergreen8-prio", "split-gathergreen8-prog32", "split-gathergreen32",
+NEW_VARIANTS = ("spec-torch", "split")
+# measured at 9ec5a6d, 5000dc8 and f746a34 (results/reference/h200-2026-12-03/), df09fb5 (side, split-prio), a4dbfbb
+# (serial, green16), 7d916f0 (prio, fullgrid): kept, for the record
+OLD_VARIANTS = ("split-gathergreen8-prog128", "split-gathergreen16", "split-gathergreen8", "split-gathergreen8-prio", "split-gathergreen8-prog32", "split-gathergreen32",
                 "split-prog16", "split-prog32", "split-green16", "green8", "green32", "side", "serial", "split-prio",
                 "green16", "prio", "fullgrid")
-TINY_VARIANTS = ("split", "side", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
+TINY_VARIANTS = ("spec-torch", "split", "side", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
 
 
 def plan(tiny: bool) -> list[tuple[str, float]]:
@@ -73,6 +75,7 @@ def plan(tiny: bool) -> list[tuple[str, float]]:
     v += [(f"correct/tiny-llama@{x}", 8) for x in TINY_VARIANTS]
     if tiny:
         return v + compiled
+    v += [(f"spec/bs{b}", 6) for b in BATCHES]
     for b in BATCHES:
         v += [(f"8b/graph-fetch/bs{b}", 12 + 0.6 * b), (f"8b/graph-nofetch/bs{b}", 10 + 0.3 * b)]
     v += [(f"8b/graph-fetch-{x}/bs{b}", 12 + 0.6 * b) for x in NEW_VARIANTS for b in BATCHES]
@@ -289,9 +292,78 @@ def check_8b_correct(ctx) -> dict:
             "note": "bf16: a report (a near-tie can flip a greedy token once the summation order differs)"}
 
 
+def check_spec(ctx, b: int) -> dict:
+    """The fused speculation (fused.py) against the torch path (select.py) in bf16 at the 8B's
+    shapes (8 kv heads of 4 queries, head 128, r 25, a 2304-token cache with 2100 filled, budget
+    461, alpha 4), random inputs: the same k, the same selected tokens; and each one's time alone
+    on an idle GPU, 31 layers' speculations captured in one CUDA graph (no launch overhead)."""
+    torch = ctx.torch
+    if ctx.device != "cuda":
+        return {"note": "no CUDA"}
+    from frameworks.infinigen import fused, select
+
+    hkv, g, d, r, length, n, cap, alpha, layers = 8, 4, 128, 25, 2304, 2100, 461, 4.0, 31
+    dev, dt = ctx.device, torch.bfloat16
+    gen = torch.Generator().manual_seed(b)
+    q = torch.randn(b, 1, hkv * g * d, generator=gen).to(dev, dt)
+    table = torch.randn(b, 1, 1, 2 * d, generator=gen).to(dev, dt)
+    qproj = (torch.randn(hkv, 2 * d, r, generator=gen) / 8).to(dev, dt)
+    pk = torch.randn(b, hkv, length, r, generator=gen).to(dev, dt)
+    n_t, limit = torch.tensor(n, device=dev), torch.tensor(cap, device=dev)
+    invalid = torch.arange(length, device=dev) >= n
+    keep_pos, zero, ninf = torch.arange(cap, device=dev), torch.zeros((), device=dev), torch.full((), float("-inf"), device=dev)
+    bias, k_sum, kb_sum = torch.zeros(cap, device=dev), torch.zeros((), dtype=torch.long, device=dev), torch.zeros(
+        (), dtype=torch.long, device=dev)
+
+    def with_torch():  # cache.py's torch path and launch_sparse's bias and sums
+        qq = q.view(b, hkv, g, d)
+        pq = torch.matmul(torch.cat((qq, qq), dim=-1) * table, qproj)
+        idx, k = select.select(select.scores(pq, pk).masked_fill_(invalid, float("-inf")), alpha, cap, 0, limit)
+        torch.where(keep_pos < k, zero, ninf, out=bias)
+        k_sum.add_(k)
+        kb_sum.add_(k, alpha=b)
+        return idx, k
+
+    def with_fused():
+        return fused.speculate(q, table, qproj, pk, n_t, g, alpha, cap, 0, bias, k_sum, kb_sum, limit=limit)
+
+    (ti, tk), (fi, fk) = with_torch(), with_fused()
+    k = int(fk)
+    same = [len(set(a.tolist()) & set(c.tolist())) / max(k, 1) for a, c in
+            zip(ti.view(-1, cap)[:, :k].cpu(), fi.view(-1, cap)[:, :k].cpu())]
+    out = {"k_torch": int(tk), "k_fused": k, "k_equal": int(tk) == k, "selected_overlap_min": min(same),
+           "selected_overlap_mean": sum(same) / len(same), "lanes_identical": sum(x == 1.0 for x in same) / len(same)}
+    for name, fn in (("torch", with_torch), ("fused", with_fused)):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(layers):
+                fn()
+        graph.replay()
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(20):
+            graph.replay()
+        e.record()
+        torch.cuda.synchronize()
+        out[f"{name}_us_per_layer"] = a.elapsed_time(e) * 1e3 / (20 * layers)
+        del graph
+    out["fused_vs_torch"] = out["fused_us_per_layer"] / out["torch_us_per_layer"]
+    out["pass"] = out["k_equal"] and out["selected_overlap_min"] >= 0.99
+    ctx.free()
+    return out
+
+
 def run_check(ctx, name, results) -> dict:
     if name == "rates":
         return check_rates(ctx)
+    if name.startswith("spec/"):
+        return check_spec(ctx, int(name.rsplit("bs", 1)[1]))
     if name.startswith("correct/"):
         return check_tiny(ctx, name)  # may raise overlap.Unsupported (recorded as unsupported)
     if name == "8b/correct":

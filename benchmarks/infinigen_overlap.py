@@ -24,6 +24,8 @@ beside the default in the same run:
   split-progN  split, the gather's persistent grid of N programs (default 64): fewer SMs held while it waits on PCIe
   split-gathergreen8-progN / -prio  split-gathergreen8 with a gather grid of N programs / the speculation
               stream (on the step's SMs) at a higher priority
+  spec-torch  the default layout, the speculation as torch ops (select.py, ~20 kernels a layer) instead
+              of the fused Triton kernels (fused.py, the CUDA default since 2026-12-03 afternoon)
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     **{f"split-gathergreen8-prog{n}": {"streams": "split", "green_sms": 8, "green_spec": "step", "programs": n}
        for n in (32, 128)},
     "split-gathergreen8-prio": {"streams": "split", "green_sms": 8, "green_spec": "step", "priority": -1},
+    "spec-torch": {"speculation": "torch"},
 }
 
 
@@ -49,7 +52,7 @@ class Unsupported(Exception):
 
 
 def configure(ctx, policy, engine, programs="default", priority: int = 0, streams: str | None = None,
-              green_sms: int | None = None, green_spec: str = "side") -> dict:
+              green_sms: int | None = None, green_spec: str = "side", speculation: str | None = None) -> dict:
     """Apply a variant to a freshly built policy + engine, before their first batch. No setting: the
     default layout as the policy made it (streams `split`, the gather on `gather_sms` SMs of its
     own, policy.sm_partition). Any setting: that layout rebuilt from scratch, unpartitioned unless
@@ -57,13 +60,18 @@ def configure(ctx, policy, engine, programs="default", priority: int = 0, stream
     default). Returns what was set (recorded with the check's figures)."""
     from frameworks.infinigen.transfer import STREAMS_DEFAULT
 
+    if speculation is not None:  # read at each launch: no rebuild needed
+        if speculation not in ("fused", "torch"):
+            raise ValueError(f"unknown speculation {speculation!r}")
+        policy.fused_speculation = speculation == "fused"
+    spec = "fused" if getattr(policy, "fused_speculation", False) else "torch"
     if programs == "default" and not priority and streams is None and not green_sms:
-        return {"streams": STREAMS_DEFAULT, "priority": 0, "programs": "default", "default": True,
-                "sm_partition": getattr(policy, "sm_partition", None)}
+        return {"streams": STREAMS_DEFAULT, "priority": 0, "programs": "default", "default": speculation is None,
+                "speculation": spec, "sm_partition": getattr(policy, "sm_partition", None)}
     if not policy.transfer.cuda:
         raise Unsupported("stream variants need CUDA")
     streams = streams or STREAMS_DEFAULT
-    setting = {"streams": streams, "priority": priority, "programs": programs}
+    setting = {"streams": streams, "priority": priority, "programs": programs, "speculation": spec}
     if programs != "default":  # the Triton gather's grid (kernels.PROGRAMS by default; None: a program per block)
         policy.transfer.gather_programs = programs
     make = make_spec = None
@@ -84,6 +92,6 @@ def green_partition(n_sms: int):
     from frameworks.infinigen import green
 
     try:
-        return green.partition(n_sms)
+        return green.partition(n_sms)  # the current device
     except green.Unavailable as e:
         raise Unsupported(str(e)) from e

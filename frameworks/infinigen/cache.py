@@ -35,7 +35,7 @@ import dataclasses
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from frameworks.infinigen import select, skew
+from frameworks.infinigen import fused, select, skew
 from frameworks.infinigen.store import Slot
 
 
@@ -179,20 +179,37 @@ class InfiniGenCache(Cache):
         # held here keeps the identity test sound).
         fresh = position_embeddings is not None and position_embeddings[0] is not self._rope[0]
 
-        def speculate():
+        def speculate(bias, sums):
+            """-> (idx, k, done): done, the fused kernels wrote bias[:cap] and added k to sums."""
             if fresh:
                 self._rope = (position_embeddings[0], skew.rope_table(position_embeddings))
+            if self.policy.fused_speculation:
+                return (*self._fused_speculate(j, sk, hidden, norm, cap, bias, sums), True)
             pq = skew.partial_query(self.arch, j, sk, hidden, position_embeddings, self._rope[1], norm)
             logits = select.scores(pq, partial_k)
             if not static:
-                return select.select(logits, alpha, cap, min_fetch)
+                return (*select.select(logits, alpha, cap, min_fetch), False)
             # position len_t may be being written (this step's token, compute stream): masked anyway
-            return select.select(logits.masked_fill_(self.invalid, float("-inf")), alpha, cap, min_fetch, self.limit)
+            return (*select.select(logits.masked_fill_(self.invalid, float("-inf")), alpha, cap, min_fetch,
+                                   self.limit), False)
 
         # partial_k lives as long as the cache; the table is made and used on the side stream only
         extra = tuple(position_embeddings) if fresh else ()
         return self.transfer.launch_sparse(self.store, j, self.slots[j % 2], speculate, hidden, extra,
                                            self.keep_pos, self.lane, static=static)
+
+    def _fused_speculate(self, j: int, sk, hidden: torch.Tensor, norm: int, cap: int, bias: torch.Tensor, sums):
+        """The speculation of layer j in three Triton kernels and a topk (fused.py): the same selection."""
+        static = self.decoding
+        h = self.arch.normed(norm, hidden)
+        if sk.wq is not None:  # OPT: the partial projection itself
+            q = torch.nn.functional.linear(h, sk.wq, sk.bq).view(self.batch, self.arch.n_kv_heads, self.arch.groups, -1)
+            table, qproj = None, None
+        else:
+            q, table, qproj = self.arch.attn(j).q_proj(h), self._rope[1], sk.qproj
+        n = self.len_t if static else self.layers[j].length
+        return fused.speculate(q, table, qproj, self.partial_k[j], n, self.arch.groups, self.policy.alpha, cap,
+                               self.policy.opts.min_fetch, bias, *sums, limit=self.limit if static else None)
 
     # -- graph decode ---------------------------------------------------------------------
     def begin_decode(self) -> None:

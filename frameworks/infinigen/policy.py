@@ -31,6 +31,7 @@ class InfiniGenPolicy(KVPolicy):
     name = "infinigen"
     fetch: bool = True  # False: speculate but move nothing (overlap benchmark baseline)
     gather: str | None = None  # None: "triton" on CUDA, "index_select" on CPU (transfer.Transfer)
+    speculation: str | None = None  # None: "fused" (fused.py) on CUDA with Triton, else "torch" (select.py)
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -88,10 +89,21 @@ class InfiniGenPolicy(KVPolicy):
         for i, layer in enumerate(self.arch.layers):
             layer.register_forward_pre_hook(partial(self._pre_hook, i), with_kwargs=True)
         self.transfer = Transfer(self.device, fetch=self.fetch, gather=self.gather)
+        self.fused_speculation = self._speculation() == "fused"
         if self.transfer.cuda and self.transfer.gather == "triton":
             kernels.self_check(self.device)  # builds the kernel now: a missing compiler fails at load
         self.graph_fallback = self._graph_fallback()
         self.sm_partition = self._partition()
+
+    def _speculation(self) -> str:
+        from frameworks.infinigen import fused
+
+        how = self.speculation or ("fused" if self.transfer.cuda and fused.available() else "torch")
+        if how not in ("fused", "torch"):
+            raise ValueError(f"unknown speculation {how!r}: 'fused' or 'torch'")
+        if how == "fused" and not fused.available():
+            raise RuntimeError("speculation 'fused' needs the triton package (CUDA builds of torch bring it)")
+        return how
 
     def _partition(self) -> dict | None:
         """Graph decode on CUDA with the Triton gather: the gather's streams on `gather_sms` SMs of their

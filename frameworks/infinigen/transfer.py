@@ -291,24 +291,29 @@ class Transfer:
     def launch_sparse(self, store, layer: int, slot, speculate, hidden: torch.Tensor, extra=(),
                       keep_pos: torch.Tensor | None = None, lane: torch.Tensor | None = None,
                       static: bool = False) -> Fetched:
-        """speculate() -> (idx [B, Hkv, cap], k 0-d) runs on the side stream after `hidden` (and
-        the `extra` tensors) are ready; the gather follows on the same stream. Returns at once.
+        """speculate(bias, (k_sum, kb_sum)) -> (idx [B, Hkv, cap], k 0-d, done) runs on the side stream
+        after `hidden` (and the `extra` tensors) are ready (done: it wrote bias[:cap] and added k to
+        the sums itself, fused.py); the gather follows on the same stream. Returns at once.
         static (graph decode): no timing events (a captured step cannot time itself) and no wait
         for appends (graph decode appends on the compute stream, see append_at)."""
         b, hkv, d = store.batch, store.shape[3], store.shape[-1]
         after = self.follow_compute(hidden, *extra)
         with _on(self.spec_stream):
-            idx, k = speculate()
+            # every launched speculation is used in the same step: its k is added to the sums now
+            idx, k, done = speculate(slot.bias, (self._k_sum, self._kb_sum))  # done: bias and sums written
             cap = idx.shape[-1]
             if keep_pos is None:
                 keep_pos = torch.arange(cap, device=idx.device)
             if self.gather == "index_select":  # it reads every row: padding -> copies of the top row
                 idx, keep = select.pad(idx, k, keep_pos)
-            else:  # the Triton gather reads the first k rows only
+            elif not done:  # the Triton gather reads the first k rows only
                 keep = keep_pos[:cap] < k
-            bias = torch.where(keep, self._zero, self._ninf, out=slot.bias[:cap])
-            self._k_sum.add_(k)  # every launched speculation is used in the same step
-            self._kb_sum.add_(k, alpha=b)
+            if done:
+                bias = slot.bias[:cap]
+            else:
+                bias = torch.where(keep, self._zero, self._ninf, out=slot.bias[:cap])
+                self._k_sum.add_(k)
+                self._kb_sum.add_(k, alpha=b)
             n = b * hkv * cap
             dst = slot.dev[:n]  # [n, 2d] contiguous: key | value of each (sequence, head, position)
             ready, nbytes = None, 0

@@ -99,6 +99,13 @@ class _TritonGatherPolicy(InfiniGenPolicy):
     gather = "triton"  # the CUDA default gather, under Triton's interpreter here
 
 
+class _FusedPolicy(_TritonGatherPolicy):
+    speculation = "fused"  # the CUDA default speculation (fused.py) too
+
+
+_needs_triton = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+
+
 @pytest.mark.parametrize("model,prefill,kw,cls", [
     ("tiny-llama-3.1", "eager", {"kv_budget": 0.4}, InfiniGenPolicy),
     ("tiny-llama-3.2-3b", "chunked", {"kv_budget": 0.4}, InfiniGenPolicy),  # 3 layers: slots alternate
@@ -108,7 +115,11 @@ class _TritonGatherPolicy(InfiniGenPolicy):
     ("tiny-opt", "chunked", {"kv_budget": 0.4, "policy": {"partial_columns": "warmup"}}, InfiniGenPolicy),
     # a budget above the prompt (30 > 25 tokens): it grows with the length until 30, on the device
     pytest.param("tiny-llama-3.1", "eager", {"policy": {"max_num_kv": 30, "alpha": float("inf")}}, _TritonGatherPolicy,
-                 marks=pytest.mark.skipif(not kernels.available(), reason="triton is not installed")),
+                 marks=_needs_triton),
+    # CUDA's defaults: the fused speculation and the Triton gather, RoPE and OPT, alpha selecting fewer than the budget
+    pytest.param("tiny-llama-3.2-3b", "chunked", {"kv_budget": 0.4, "policy": {"alpha": 0.05, "min_fetch": 2}},
+                 _FusedPolicy, marks=_needs_triton),
+    pytest.param("tiny-opt", "eager", {"kv_budget": 0.4}, _FusedPolicy, marks=_needs_triton),
 ])
 def test_infinigen_graph_equals_eager(model, prefill, kw, cls):
     """Graph decode (device-side positions, the step the engine captures on CUDA) = eager decode:
