@@ -19,6 +19,7 @@ one continues with the checks not yet recorded, so one call gives every answer i
                A variant this torch / driver cannot run is recorded `unsupported` with the reason
   spec/bsB     the fused speculation vs the torch ops it replaced, bf16 at the 8B's shapes: same k and
                tokens (pass: overlap >= 0.99 of the selected tokens: bf16 near-ties), time a layer on an idle GPU
+  gather/bsB   the Triton gather alone at the 8B's shapes: GB/s of each kernel shape on all SMs, 8 and 16
   8b/correct   8B bf16 graph vs eager, batch 2, 16 generated: logit difference and token agreement (report)
   8b/eager-*   the eager step at the same batches (64 generated), for comparison
 Writes DIR/infinigen_graph.jsonl (one line per check) and DIR/infinigen_graph_summary.json.
@@ -59,10 +60,13 @@ TINY = [("correct/tiny-llama", "tiny-llama-3.1", "eager", 0.4, {}, "none"),
 # that wins at 8 and 32 must not lose at 1), the old ones at the batches that miss the target
 # (the default step: `split` with the gather on 8 SMs of its own, since 2026-12-03; `split` alone
 # is the layout it replaced, `side` the one before)
-NEW_VARIANTS = ("spec-torch", "split")
+NEW_VARIANTS = ("spec-torch", "gather-best", "gather-r32", "gather-s2")
+GATHER_SHAPES = [{}, {"block_rows": 32}, {"block_rows": 64}, {"num_warps": 8}, {"block_rows": 32, "num_warps": 8},
+                 {"stages": 2}, {"stages": 3}, {"block_rows": 8}, {"programs": 128}, {"programs": 128, "block_rows": 32},
+                 {"programs": 256}]  # gather/bsB: the Triton gather alone ({} = the default shape)
 # measured at 9ec5a6d, 5000dc8 and f746a34 (results/reference/h200-2026-12-03/), df09fb5 (side, split-prio), a4dbfbb
 # (serial, green16), 7d916f0 (prio, fullgrid): kept, for the record
-OLD_VARIANTS = ("split-gathergreen8-prog128", "split-gathergreen16", "split-gathergreen8", "split-gathergreen8-prio", "split-gathergreen8-prog32", "split-gathergreen32",
+OLD_VARIANTS = ("split", "split-gathergreen8-prog128", "split-gathergreen16", "split-gathergreen8", "split-gathergreen8-prio", "split-gathergreen8-prog32", "split-gathergreen32",
                 "split-prog16", "split-prog32", "split-green16", "green8", "green32", "side", "serial", "split-prio",
                 "green16", "prio", "fullgrid")
 TINY_VARIANTS = ("spec-torch", "split", "side", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
@@ -75,7 +79,7 @@ def plan(tiny: bool) -> list[tuple[str, float]]:
     v += [(f"correct/tiny-llama@{x}", 8) for x in TINY_VARIANTS]
     if tiny:
         return v + compiled
-    v += [(f"spec/bs{b}", 6) for b in BATCHES]
+    v += [(f"spec/bs{b}", 6) for b in BATCHES] + [(f"gather/bs{b}", 15) for b in BATCHES[1:]]
     for b in BATCHES:
         v += [(f"8b/graph-fetch/bs{b}", 12 + 0.6 * b), (f"8b/graph-nofetch/bs{b}", 10 + 0.3 * b)]
     v += [(f"8b/graph-fetch-{x}/bs{b}", 12 + 0.6 * b) for x in NEW_VARIANTS for b in BATCHES]
@@ -359,11 +363,69 @@ def check_spec(ctx, b: int) -> dict:
     return out
 
 
+def check_gather(ctx, b: int) -> dict:
+    """The Triton gather alone, the 8B's shapes at batch b (a 2304-token host store of b x 8 lanes,
+    rows of 2 x 128 bf16, 460 of the 461 budget rows a lane selected at random): its rate in GB/s
+    for each shape of GATHER_SHAPES on every SM (the default stream), on the gather's 8 SMs and on
+    16 (green contexts), the GPU otherwise idle. `best`: the fastest shape on 8 SMs."""
+    torch = ctx.torch
+    if ctx.device != "cuda":
+        return {"note": "no CUDA"}
+    from frameworks.infinigen import green, kernels
+    from frameworks.infinigen.store import device_view
+
+    lanes, length, cap, k, w = b * 8, 2304, 461, 460, 256
+    host = torch.empty((length * lanes, w), dtype=torch.bfloat16, pin_memory=True)
+    src = device_view(host)
+    gen = torch.Generator().manual_seed(b)
+    idx = torch.stack([torch.randperm(length, generator=gen)[:cap] for _ in range(lanes)]).to(ctx.device)
+    k_t = torch.tensor(k, device=ctx.device)
+    out = torch.empty((lanes * cap, w), dtype=torch.bfloat16, device=ctx.device)
+    nbytes = lanes * k * w * 2
+    places = {"all": torch.cuda.current_stream()}
+    for n in (8, 16):
+        try:
+            places[f"green{n}"] = green.partition(n).make_side()
+        except green.Unavailable as e:
+            places[f"green{n}"] = str(e)
+    rates = {}
+    for shape in GATHER_SHAPES:
+        key = ",".join(f"{a}={v}" for a, v in shape.items()) or "default"
+        kw = dict(shape)
+        programs = kw.pop("programs", kernels.PROGRAMS)
+        for place, stream in places.items():
+            if isinstance(stream, str):
+                rates[f"{key}@{place}"] = stream
+                continue
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                kernels.gather_selected(src, idx, k_t, out, programs, **kw)  # compile, warm
+                a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(10):
+                    kernels.gather_selected(src, idx, k_t, out, programs, **kw)
+                e.record()
+            torch.cuda.synchronize()
+            rates[f"{key}@{place}"] = nbytes * 10 / (a.elapsed_time(e) / 1e3) / 1e9
+    on8 = {key: r for key, r in rates.items() if key.endswith("@green8") and isinstance(r, float)}
+    best = max(on8, key=on8.get) if on8 else None
+    best_shape = next((sh for sh in GATHER_SHAPES if (",".join(f"{a}={v}" for a, v in sh.items()) or "default")
+                       == best.rsplit("@", 1)[0]), None) if best else None
+    ok = bool(torch.equal(out.view(lanes, cap, w)[:, :k].cpu(),
+                          host[(idx[:, :k].cpu() * lanes + torch.arange(lanes).view(lanes, 1)).reshape(-1)].view(
+                              lanes, k, w)))
+    del src, host
+    ctx.free()
+    return {"gb_s": rates, "best_on_8_sms": best, "best_shape": best_shape, "rows_equal": ok, "pass": ok}
+
+
 def run_check(ctx, name, results) -> dict:
     if name == "rates":
         return check_rates(ctx)
     if name.startswith("spec/"):
         return check_spec(ctx, int(name.rsplit("bs", 1)[1]))
+    if name.startswith("gather/"):
+        return check_gather(ctx, int(name.rsplit("bs", 1)[1]))
     if name.startswith("correct/"):
         return check_tiny(ctx, name)  # may raise overlap.Unsupported (recorded as unsupported)
     if name == "8b/correct":
@@ -372,7 +434,16 @@ def run_check(ctx, name, results) -> dict:
     if kind == "graph-fetch":
         return decode_8b(ctx, b, "graph", 256)
     if kind.startswith("graph-fetch-"):  # the default graph step with one setting changed, beside it
-        r = decode_8b(ctx, b, "graph", 256, **overlap.VARIANTS[kind[len("graph-fetch-"):]])
+        variant = dict(overlap.VARIANTS[kind[len("graph-fetch-"):]])
+        if variant.get("gather_shape") == "best":
+            best = results.get("gather/bs32", {}).get("best_shape")
+            if best is None:
+                raise overlap.Unsupported("gather-best: no gather/bs32 result to take the shape from")
+            best = dict(best)
+            if "programs" in best:
+                variant["programs"] = best.pop("programs")
+            variant["gather_shape"] = best
+        r = decode_8b(ctx, b, "graph", 256, **variant)
         base = results.get(f"8b/graph-fetch/bs{b}", {})
         if "step_ms" in base:
             r["step_vs_default"] = r["step_ms"] / base["step_ms"]

@@ -41,12 +41,13 @@ if triton is not None:
 
     @triton.jit
     def _gather_selected(src, idx, count, out, cap, lanes, n_blocks, blocks_per_lane, n_programs,
-                         ITERS: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+                         ITERS: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr,
+                         STAGES: tl.constexpr):
         k = tl.load(count)
         cols = tl.arange(0, BLOCK_W)
         col_ok = cols < W
         pid = tl.program_id(0)
-        for it in range(0, ITERS):  # persistent: blocks pid, pid + n_programs, ... of BLOCK_R rows
+        for it in tl.range(0, ITERS, num_stages=STAGES):  # persistent: blocks pid, pid + n_programs, ... of BLOCK_R rows
             blk = pid + it * n_programs
             lane = blk // blocks_per_lane
             pos = (blk % blocks_per_lane) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -60,7 +61,8 @@ if triton is not None:
 
 
 def gather_selected(src_rows: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, out: torch.Tensor,
-                    programs: int | None = PROGRAMS) -> torch.Tensor:
+                    programs: int | None = PROGRAMS, block_rows: int = BLOCK_ROWS, num_warps: int = 4,
+                    stages: int = 1) -> torch.Tensor:
     """out[l * cap + t] = src_rows[idx[l, t] * lanes + l] for t < k, zeros for k <= t < cap.
 
     src_rows [max_len * lanes, W]: the store's rows (device alias on CUDA); idx [B, Hkv, cap]
@@ -68,7 +70,8 @@ def gather_selected(src_rows: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, 
     (1 <= k <= cap, as select.select returns it); out: contiguous, at least lanes * cap rows of W.
     programs: the smallest grid (a persistent kernel: each program loops over up to ITERS blocks
     of BLOCK_ROWS rows), so that a gather waiting on PCIe holds few of the SM slots the compute
-    stream needs; None: one program per block. Nothing is read back on the host."""
+    stream needs; None: one program per block. block_rows, num_warps, stages (software pipelining of
+    the persistent loop): the kernel's shape, for benchmarks. Nothing is read back on the host."""
     if triton is None:
         raise RuntimeError("the Triton gather needs the `triton` package (it comes with CUDA builds of torch)")
     cap = idx.shape[-1]
@@ -78,7 +81,7 @@ def gather_selected(src_rows: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, 
         raise ValueError(f"gather_selected: src {tuple(src_rows.shape)}, out {tuple(out.shape)}, idx {tuple(idx.shape)}")
     if not (idx.is_contiguous() and out.is_contiguous() and src_rows.is_contiguous()):
         raise ValueError("gather_selected needs contiguous tensors")
-    per_lane = triton.cdiv(cap, BLOCK_ROWS)
+    per_lane = triton.cdiv(cap, block_rows)
     n_blocks = lanes * per_lane
     if programs is None:
         n_programs, iters = n_blocks, 1
@@ -89,7 +92,8 @@ def gather_selected(src_rows: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, 
     # every budget, and Triton's interpreter (the CPU tests) runs it — it cannot loop to a
     # run-time bound with numpy 2
     _gather_selected[(n_programs,)](src_rows, idx, k, out, cap, lanes, n_blocks, per_lane, n_programs, ITERS=iters,
-                                    W=w, BLOCK_W=triton.next_power_of_2(w), BLOCK_R=BLOCK_ROWS, num_warps=4)
+                                    W=w, BLOCK_W=triton.next_power_of_2(w), BLOCK_R=block_rows, STAGES=stages,
+                                    num_warps=num_warps)
     return out
 
 

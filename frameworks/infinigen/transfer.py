@@ -94,6 +94,7 @@ class Transfer:
             raise RuntimeError("gather='triton' needs the triton package (CUDA builds of torch bring it)")
         self.gather = gather
         self.gather_programs = kernels.PROGRAMS  # the Triton gather's grid (None: a program per block of rows)
+        self.gather_shape: dict = {}  # the Triton gather's block_rows / num_warps / stages (benchmarks), else defaults
         self.streams = STREAMS_DEFAULT
         self.spec_stream = self.gather_stream = self.copy_stream = self.append_stream = None
         if self.cuda:
@@ -278,7 +279,7 @@ class Transfer:
             torch.where(positions < tokens, self._zero, self._ninf, out=bias)
             if self.fetch:
                 kernels.gather_selected(store.gather_source(layer), rows, count, dev.view(-1, dev.shape[-1] * 2),
-                                        self.gather_programs)
+                                        self.gather_programs, **self.gather_shape)
             ready = _done(side)
         return ready
 
@@ -334,7 +335,8 @@ class Transfer:
                     if start is not None:
                         start.record()
                     if self.gather == "triton":  # the first k rows of each lane; padding -> zeros
-                        kernels.gather_selected(store.gather_source(layer), idx, k, dst, self.gather_programs)
+                        kernels.gather_selected(store.gather_source(layer), idx, k, dst, self.gather_programs,
+                                                **self.gather_shape)
                         nbytes = None  # k rows a lane: known on the device only (_kb_sum)
                         timed_bytes = (k, b * hkv * 2 * d * dst.element_size())
                     else:  # all cap rows, padding included
