@@ -20,6 +20,8 @@ one continues with the checks not yet recorded, so one call gives every answer i
   spec/bsB     the fused speculation vs the torch ops it replaced, bf16 at the 8B's shapes: same k and
                tokens (pass: overlap >= 0.99 of the selected tokens: bf16 near-ties), time a layer on an idle GPU
   gather/bsB   the Triton gather alone at the 8B's shapes: GB/s of each kernel shape on all SMs, 8 and 16
+  gather-store/bsB  the same from a whole 32-layer host store (the policy's; and with huge pages), layers cycled
+  profile/bsB  the default step under torch.profiler: kernels per step, the gather's rate inside the step
   8b/correct   8B bf16 graph vs eager, batch 2, 16 generated: logit difference and token agreement (report)
   8b/eager-*   the eager step at the same batches (64 generated), for comparison
 Writes DIR/infinigen_graph.jsonl (one line per check) and DIR/infinigen_graph_summary.json.
@@ -80,6 +82,7 @@ def plan(tiny: bool) -> list[tuple[str, float]]:
     if tiny:
         return v + compiled
     v += [(f"spec/bs{b}", 6) for b in BATCHES] + [(f"gather/bs{b}", 15) for b in BATCHES[1:]]
+    v += [(f"gather-store/bs{b}", 20) for b in BATCHES[1:]] + [(f"profile/bs{b}", 30) for b in BATCHES[1:]]
     for b in BATCHES:
         v += [(f"8b/graph-fetch/bs{b}", 12 + 0.6 * b), (f"8b/graph-nofetch/bs{b}", 10 + 0.3 * b)]
     v += [(f"8b/graph-fetch-{x}/bs{b}", 12 + 0.6 * b) for x in NEW_VARIANTS for b in BATCHES]
@@ -419,6 +422,149 @@ def check_gather(ctx, b: int) -> dict:
     return {"gb_s": rates, "best_on_8_sms": best, "best_shape": best_shape, "rows_equal": ok, "pass": ok}
 
 
+def _host_store(torch, b: int, huge: bool):
+    """The 8B's host store at batch b (32 layers x 2304 tokens x b x 8 heads x K|V x 128, bf16) as the
+    policy makes it (store.HostStore: torch.empty, zeroed, cudaHostRegister'ed mapped), or with
+    transparent huge pages asked for before it is first touched (madvise MADV_HUGEPAGE)."""
+    import ctypes
+
+    from frameworks.infinigen.store import HostStore, device_view
+
+    if not huge:
+        return HostStore(32, 2304, b, 8, 128, torch.bfloat16, pin=True, device="cuda", zero=True), None
+    kv = torch.empty((32, 2304, b, 8, 2, 128), dtype=torch.bfloat16)
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = (kv.data_ptr() + (1 << 21) - 1) & ~((1 << 21) - 1)
+    end = (kv.data_ptr() + kv.numel() * 2) & ~((1 << 21) - 1)
+    rc = libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # MADV_HUGEPAGE
+    kv.zero_()
+    err = torch.cuda.cudart().cudaHostRegister(kv.data_ptr(), kv.numel() * 2, 3)  # portable | mapped
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister failed ({int(err)})")
+    return kv, {"madvise_rc": rc, "dev": device_view(kv)}
+
+
+def _anon_huge_kb() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def check_gather_store(ctx, b: int) -> dict:
+    """The Triton gather alone from a whole 32-layer host store (the policy's, cudaHostRegister'ed; and
+    one with transparent huge pages) cycling through layers 1..31 as a step does, on the gather's 8
+    SMs: does the store's 2.4-9.7 GB footprint (address translation over PCIe) slow it against
+    gather/bsB's single 0.3 GB pinned buffer?"""
+    torch = ctx.torch
+    if ctx.device != "cuda":
+        return {"note": "no CUDA"}
+    from frameworks.infinigen import green, kernels
+
+    lanes, length, cap, k, w = b * 8, 2304, 461, 460, 256
+    gen = torch.Generator().manual_seed(b)
+    idx = torch.stack([torch.randperm(length, generator=gen)[:cap] for _ in range(lanes)]).to(ctx.device)
+    k_t = torch.tensor(k, device=ctx.device)
+    out = torch.empty((lanes * cap, w), dtype=torch.bfloat16, device=ctx.device)
+    stream = green.partition(8).make_side()
+    res = {"thp_enabled": open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip()}
+    for huge in (False, True):
+        before = _anon_huge_kb()
+        t0 = time.perf_counter()
+        store, extra = _host_store(torch, b, huge)
+        res[f"alloc_register_s_{'thp' if huge else 'policy'}"] = time.perf_counter() - t0
+        if huge:
+            res["anon_huge_mb_added"] = ((_anon_huge_kb() or 0) - (before or 0)) / 1024
+            res["madvise_rc"] = extra["madvise_rc"]
+            srcs = [extra["dev"][i].view(-1, w) for i in range(1, 32)]
+        else:
+            srcs = [store.gather_source(i) for i in range(1, 32)]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for src in srcs[:2]:
+                kernels.gather_selected(src, idx, k_t, out)
+            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for src in srcs:
+                kernels.gather_selected(src, idx, k_t, out)
+            e.record()
+        torch.cuda.synchronize()
+        res[f"gb_s_{'thp' if huge else 'policy'}"] = lanes * k * w * 2 * len(srcs) / (a.elapsed_time(e) / 1e3) / 1e9
+        del srcs
+        if huge:
+            torch.cuda.cudart().cudaHostUnregister(store.data_ptr())
+        else:
+            store.close()
+        del store, extra
+    ctx.free()
+    res["pass"] = True
+    return res
+
+
+def check_profile(ctx, b: int) -> dict:
+    """The default captured step at batch b under torch.profiler (CUPTI traces the kernels of graph
+    replays): each kernel's time per step, the gather's time and rate inside the step, and how
+    busy its stream is between a step's first and last gather. The trace: DIR/trace-bsB.json.gz."""
+    torch = ctx.torch
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from frameworks.harness import workload
+
+    model = ctx.model_8b()
+    s = spec(ctx, "llama-3.1-8b", b, 2048, 24, "graph", 0.2, "flash")
+    policy = None
+    try:
+        policy, e = engine_for(ctx, s, model)
+        overlap.configure(ctx, policy, e)
+        prompts = workload.prompts(0, b, 2048, model.config.vocab_size)
+        e.generate(prompts, 4)
+        policy.reset_metrics()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            e.generate(prompts, 24)
+        fetched = policy.metrics()["fetched_bytes_per_step"]
+        path = ctx.out / f"trace-bs{b}.json"
+        prof.export_chrome_trace(str(path))
+    finally:
+        release(ctx, model, policy)
+    trace = json.loads(path.read_text())
+    with open(path, "rb") as f, gzip.open(str(path) + ".gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    path.unlink()
+    kern = [ev for ev in trace.get("traceEvents", []) if ev.get("cat") == "kernel" and "dur" in ev]
+    gathers = sorted((ev for ev in kern if "_gather_selected" in ev["name"]), key=lambda ev: ev["ts"])
+    if not gathers:
+        return {"error": "no gather kernel in the trace", "kernels": len(kern)}
+    # a decode step's gathers: one per speculated layer + each full layer's prefetch; the last 20 steps
+    per_step = len(policy.skews) + policy.full_layers
+    steps = 20
+    window = gathers[-steps * per_step:]
+    t0, t1 = window[0]["ts"], window[-1]["ts"] + window[-1]["dur"]
+    busy = sum(ev["dur"] for ev in window)
+    by_name: dict = {}
+    for ev in kern:
+        if t0 <= ev["ts"] <= t1:
+            n = ev["name"][:90]
+            st = by_name.setdefault(n, [0.0, 0, set()])
+            st[0] += ev["dur"]
+            st[1] += 1
+            st[2].add(ev.get("args", {}).get("stream"))
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    gdur = [ev["dur"] for ev in window]
+    return {"fetched_bytes_per_step": fetched, "gather_kernels": len(window), "window_us": t1 - t0,
+            "gather_stream_busy": busy / (t1 - t0), "gather_us_per_step": busy / steps,
+            "gather_gb_s_in_step": fetched * steps / (busy / 1e6) / 1e9 if busy else None,
+            "gather_us_median": statistics.median(gdur), "gather_us_max": max(gdur), "gather_us_min": min(gdur),
+            "gaps_us_median": statistics.median([b2["ts"] - (a2["ts"] + a2["dur"]) for a2, b2 in zip(window, window[1:])]),
+            "top_kernels_us_per_step": [(n, round(v[0] / steps, 1), v[1] // steps, sorted(map(str, v[2])))
+                                        for n, v in top], "pass": True}
+
+
 def run_check(ctx, name, results) -> dict:
     if name == "rates":
         return check_rates(ctx)
@@ -426,6 +572,10 @@ def run_check(ctx, name, results) -> dict:
         return check_spec(ctx, int(name.rsplit("bs", 1)[1]))
     if name.startswith("gather/"):
         return check_gather(ctx, int(name.rsplit("bs", 1)[1]))
+    if name.startswith("gather-store/"):
+        return check_gather_store(ctx, int(name.rsplit("bs", 1)[1]))
+    if name.startswith("profile/"):
+        return check_profile(ctx, int(name.rsplit("bs", 1)[1]))
     if name.startswith("correct/"):
         return check_tiny(ctx, name)  # may raise overlap.Unsupported (recorded as unsupported)
     if name == "8b/correct":
@@ -483,6 +633,7 @@ def _target(r, results, b) -> None:
 
 def worker(out: Path, tiny: bool, deadline: float, checks: str | None = None) -> int:
     ctx = Ctx(tiny)
+    ctx.out = out
     log = out / "infinigen_graph.jsonl"
     results = _results(log)
     for name, r in list(results.items()):
