@@ -62,7 +62,7 @@ TINY = [("correct/tiny-llama", "tiny-llama-3.1", "eager", 0.4, {}, "none"),
 # that wins at 8 and 32 must not lose at 1), the old ones at the batches that miss the target
 # (the default step: `split` with the gather on 8 SMs of its own, since 2026-12-03; `split` alone
 # is the layout it replaced, `side` the one before)
-NEW_VARIANTS = ("spec-torch", "gather-best", "gather-r32", "gather-s2")
+NEW_VARIANTS = ("spec-torch", "spec-select", "gather-best", "gather-r32", "gather-s2")
 GATHER_SHAPES = [{}, {"block_rows": 32}, {"block_rows": 64}, {"num_warps": 8}, {"block_rows": 32, "num_warps": 8},
                  {"stages": 2}, {"stages": 3}, {"block_rows": 8}, {"programs": 128}, {"programs": 128, "block_rows": 32},
                  {"programs": 256}]  # gather/bsB: the Triton gather alone ({} = the default shape)
@@ -302,14 +302,15 @@ def check_8b_correct(ctx) -> dict:
 def check_spec(ctx, b: int) -> dict:
     """The fused speculation (fused.py) against the torch path (select.py) in bf16 at the 8B's
     shapes (8 kv heads of 4 queries, head 128, r 25, a 2304-token cache with 2100 filled, budget
-    461, alpha 4), random inputs: the same k, the same selected tokens; and each one's time alone
-    on an idle GPU, 31 layers' speculations captured in one CUDA graph (no launch overhead)."""
+    461, alpha 4 and inf), random inputs: the same k, the same selected tokens (also by the select
+    kernel); and each one's time alone (alpha inf) on an idle GPU, 31 layers' speculations
+    captured in one CUDA graph (no launch overhead)."""
     torch = ctx.torch
     if ctx.device != "cuda":
         return {"note": "no CUDA"}
     from frameworks.infinigen import fused, select
 
-    hkv, g, d, r, length, n, cap, alpha, layers = 8, 4, 128, 25, 2304, 2100, 461, 4.0, 31
+    hkv, g, d, r, length, n, cap, layers = 8, 4, 128, 25, 2304, 2100, 461, 31
     dev, dt = ctx.device, torch.bfloat16
     gen = torch.Generator().manual_seed(b)
     q = torch.randn(b, 1, hkv * g * d, generator=gen).to(dev, dt)
@@ -331,16 +332,22 @@ def check_spec(ctx, b: int) -> dict:
         kb_sum.add_(k, alpha=b)
         return idx, k
 
-    def with_fused():
-        return fused.speculate(q, table, qproj, pk, n_t, g, alpha, cap, 0, bias, k_sum, kb_sum, limit=limit)
+    def with_fused(select_kernel=False):
+        return fused.speculate(q, table, qproj, pk, n_t, g, alpha, cap, 0, bias, k_sum, kb_sum, limit=limit,
+                               select_kernel=select_kernel)
 
-    (ti, tk), (fi, fk) = with_torch(), with_fused()
-    k = int(fk)
-    same = [len(set(a.tolist()) & set(c.tolist())) / max(k, 1) for a, c in
-            zip(ti.view(-1, cap)[:, :k].cpu(), fi.view(-1, cap)[:, :k].cpu())]
-    out = {"k_torch": int(tk), "k_fused": k, "k_equal": int(tk) == k, "selected_overlap_min": min(same),
-           "selected_overlap_mean": sum(same) / len(same), "lanes_identical": sum(x == 1.0 for x in same) / len(same)}
-    for name, fn in (("torch", with_torch), ("fused", with_fused)):
+    out = {}
+    for alpha in (4.0, float("inf")):  # a few tokens within alpha of the max; every one (k = the budget), timed
+        (ti, tk), (fi, fk), (si, sk) = with_torch(), with_fused(), with_fused(True)
+        k = int(fk)
+        same = [len(set(a.tolist()) & set(c.tolist())) / max(k, 1) for a, c in
+                zip(ti.view(-1, cap)[:, :k].cpu(), fi.view(-1, cap)[:, :k].cpu())]
+        out[f"alpha={alpha}"] = {
+            "k_torch": int(tk), "k_fused": k, "k_equal": int(tk) == k, "selected_overlap_min": min(same),
+            "selected_overlap_mean": sum(same) / len(same), "lanes_identical": sum(x == 1.0 for x in same) / len(same),
+            "select_kernel_same_tokens": bool(int(sk) == k and torch.equal(si[..., :k].sort(-1).values,
+                                                                           fi[..., :k].sort(-1).values))}
+    for name, fn in (("torch", with_torch), ("fused", with_fused), ("fused_select", lambda: with_fused(True))):
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -361,7 +368,9 @@ def check_spec(ctx, b: int) -> dict:
         out[f"{name}_us_per_layer"] = a.elapsed_time(e) * 1e3 / (20 * layers)
         del graph
     out["fused_vs_torch"] = out["fused_us_per_layer"] / out["torch_us_per_layer"]
-    out["pass"] = out["k_equal"] and out["selected_overlap_min"] >= 0.99
+    out["fused_select_vs_torch"] = out["fused_select_us_per_layer"] / out["torch_us_per_layer"]
+    out["pass"] = all(v["k_equal"] and v["selected_overlap_min"] >= 0.99 and v["select_kernel_same_tokens"]
+                      for key, v in out.items() if key.startswith("alpha="))
     ctx.free()
     return out
 

@@ -209,7 +209,8 @@ class InfiniGenCache(Cache):
             q, table, qproj = self.arch.attn(j).q_proj(h), self._rope[1], sk.qproj
         n = self.len_t if static else self.layers[j].length
         return fused.speculate(q, table, qproj, self.partial_k[j], n, self.arch.groups, self.policy.alpha, cap,
-                               self.policy.opts.min_fetch, bias, *sums, limit=self.limit if static else None)
+                               self.policy.opts.min_fetch, bias, *sums, limit=self.limit if static else None,
+                               select_kernel=self.policy.fused_select)
 
     # -- graph decode ---------------------------------------------------------------------
     def begin_decode(self) -> None:

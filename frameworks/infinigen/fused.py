@@ -127,14 +127,50 @@ if triton is not None:
         tl.store(kbsum_ptr, tl.load(kbsum_ptr) + k * batch)
 
 
+    @triton.jit
+    def _select(perkv_ptr, k_ptr, idx_ptr, L, cap, BLOCK: tl.constexpr, CAP_BLOCKS: tl.constexpr,
+                CAP_BLOCK: tl.constexpr):
+        """One lane's k best positions (k: the device count) as its first k indices, in position order
+        (a set: the attention and the gather do not depend on the order), the rest 0 (masked rows).
+        The k-th largest score by bisection on order-preserving integer keys, ties taken by position."""
+        lane = tl.program_id(0).to(tl.int64)
+        k = tl.load(k_ptr).to(tl.int32)
+        pos = tl.arange(0, BLOCK)
+        x = tl.load(perkv_ptr + lane * L + pos, mask=pos < L, other=float("-inf"))
+        bits = x.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed integer order
+        key = tl.where(pos < L, key, -2147483647 - 1)
+        lo = tl.full([], -2147483647 - 1, tl.int64)
+        hi = tl.full([], 2147483647, tl.int64)
+        for _ in range(32):  # the largest t with count(key >= t) >= k
+            mid = (lo + hi + 1) // 2
+            n = tl.sum((key.to(tl.int64) >= mid).to(tl.int32), 0)
+            lo = tl.where(n >= k, mid, lo)
+            hi = tl.where(n >= k, hi, mid - 1)
+        t = lo
+        gt = key.to(tl.int64) > t
+        eq = key.to(tl.int64) == t
+        need = k - tl.sum(gt.to(tl.int32), 0)  # ties at the threshold still to take
+        sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+        sel = sel & (k > 0)
+        slot = tl.cumsum(sel.to(tl.int32), 0) - 1
+        for it in range(CAP_BLOCKS):  # the rows past k: token 0 (masked by the bias, not read by the gather)
+            p = it * CAP_BLOCK + tl.arange(0, CAP_BLOCK)
+            tl.store(idx_ptr + lane * cap + p, tl.zeros([CAP_BLOCK], tl.int64), mask=(p < cap) & (p >= k))
+        tl.store(idx_ptr + lane * cap + slot, pos.to(tl.int64), mask=sel)
+
+
+SELECT_MAX_L = 8192  # positions a lane the select kernel holds at once; longer caches take torch's topk
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
 def speculate(q: torch.Tensor, table: torch.Tensor | None, qproj: torch.Tensor | None, partial_k: torch.Tensor,
               n: int | torch.Tensor, groups: int, alpha: float, cap: int, min_fetch: int, bias: torch.Tensor,
-              k_sum: torch.Tensor, kb_sum: torch.Tensor, limit: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              k_sum: torch.Tensor, kb_sum: torch.Tensor, limit: torch.Tensor | None = None,
+              select_kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (idx [B, Hkv, cap] by decreasing score, k 0-d long), as select.select on select.scores of
     skew.partial_query, and bias[:cap] = 0 for the first k rows, -inf after; k_sum += k, kb_sum += k x B.
 
@@ -142,7 +178,9 @@ def speculate(q: torch.Tensor, table: torch.Tensor | None, qproj: torch.Tensor |
     qproj [Hkv, 2d, r] (LayerSkew.qproj); OPT, the partial query [B, Hkv, G, r] itself (table,
     qproj None). partial_k [B, Hkv, L, r] (the whole buffer; positions >= n are masked and not
     read); n: the valid positions, a host int (eager) or a 0-d device tensor (graph decode).
-    cap <= min(L, n) in eager; limit (graph decode): the budget at this length (<= cap)."""
+    cap <= min(L, n) in eager; limit (graph decode): the budget at this length (<= cap).
+    select_kernel: the first k indices from `_select` (a set in position order, the rest 0) instead
+    of torch's topk (the cap best by decreasing score), for caches of <= SELECT_MAX_L positions."""
     if triton is None:
         raise RuntimeError("the fused speculation needs the `triton` package")
     b, hkv, length, r = partial_k.shape
@@ -186,6 +224,11 @@ def speculate(q: torch.Tensor, table: torch.Tensor | None, qproj: torch.Tensor |
     _finish[(1,)](counts, lanes * splits, limit if limit is not None else k, cap, min_fetch, lanes * groups, b, k,
                   bias, k_sum, kb_sum, HAS_LIMIT=limit is not None, BLOCK_C=_pow2(lanes * splits),
                   BIAS_BLOCKS=triton.cdiv(cap, BIAS_BLOCK), BIAS_BLOCK=BIAS_BLOCK, num_warps=4)
+    if select_kernel and length <= SELECT_MAX_L:
+        idx = torch.empty((b, hkv, cap), dtype=torch.long, device=dev)
+        _select[(lanes,)](per_kv, k, idx, length, cap, BLOCK=_pow2(length), CAP_BLOCKS=triton.cdiv(cap, BIAS_BLOCK),
+                          CAP_BLOCK=BIAS_BLOCK, num_warps=8)
+        return idx, k
     scores = per_kv if limit is not None else per_kv[..., : int(n)]
     idx = scores.topk(cap, dim=-1).indices
     return idx, k

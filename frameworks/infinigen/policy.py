@@ -32,6 +32,7 @@ class InfiniGenPolicy(KVPolicy):
     fetch: bool = True  # False: speculate but move nothing (overlap benchmark baseline)
     gather: str | None = None  # None: "triton" on CUDA, "index_select" on CPU (transfer.Transfer)
     speculation: str | None = None  # None: "fused" (fused.py) on CUDA with Triton, else "torch" (select.py)
+    fused_select: bool = False  # fused: the selection by fused._select instead of torch's topk
 
     def __init__(self, spec):
         super().__init__(spec)

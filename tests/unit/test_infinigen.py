@@ -332,8 +332,10 @@ def test_gather_copies_the_selected_rows_and_pads_statically():
 
 
 @needs_triton
-@pytest.mark.parametrize("w,programs", [(256, 4), (24, None), (24, 1000), (256, 1)])
-def test_triton_gather_reads_the_first_k_rows_of_each_lane(w, programs):
+@pytest.mark.parametrize("w,programs,shape", [(256, 4, {}), (24, None, {}), (24, 1000, {}), (256, 1, {}),
+                                              (256, 4, {"block_rows": 32, "num_warps": 8}), (24, 2, {"stages": 2}),
+                                              (24, 3, {"block_rows": 8})])
+def test_triton_gather_reads_the_first_k_rows_of_each_lane(w, programs, shape):
     """kernels.gather_selected against an indexing reference: row t < k of lane l is store row
     idx[l, t] * lanes + l, rows k..cap-1 are zeros, nothing past lanes * cap is written."""
     g = torch.Generator().manual_seed(11)
@@ -344,7 +346,7 @@ def test_triton_gather_reads_the_first_k_rows_of_each_lane(w, programs):
     lane = torch.arange(lanes).view(b, hkv, 1)
     for k in (1, 5, cap):
         out = torch.full((lanes * cap + 3, w), math.nan, dtype=torch.bfloat16)
-        got = kernels.gather_selected(src, idx, torch.tensor(k), out, programs)
+        got = kernels.gather_selected(src, idx, torch.tensor(k), out, programs, **shape)
         assert got.data_ptr() == out.data_ptr()
         want = src[(idx * lanes + lane).reshape(-1)].view(lanes, cap, w).clone()
         want[:, k:] = 0

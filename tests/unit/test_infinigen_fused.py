@@ -33,11 +33,12 @@ def _inputs(b, hkv, g, d, r, length, seed):
     return q, table, qproj, pk, pq
 
 
+@pytest.mark.parametrize("select_kernel", [False, True])
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("alpha,min_fetch", [(0.3, 0), (2.0, 0), (2.0, 7), (float("inf"), 0), (0.0, 0), (0.0, 3)])
 @pytest.mark.parametrize("shape", [(2, 2, 4, 16, 5, 300, 257), (1, 3, 2, 8, 3, 1200, 1100)])  # several slices a lane
-def test_fused_speculation_selects_as_the_torch_path(rope, static, alpha, min_fetch, shape):
+def test_fused_speculation_selects_as_the_torch_path(rope, static, alpha, min_fetch, shape, select_kernel):
     b, hkv, g, d, r, length, n = shape
     q, table, qproj, pk, pq = _inputs(b, hkv, g, d, r, length, seed=length + int(static))
     cap = 60
@@ -47,8 +48,10 @@ def test_fused_speculation_selects_as_the_torch_path(rope, static, alpha, min_fe
     k_sum, kb_sum = torch.tensor(3), torch.tensor(5)
     args = (q, table, qproj) if rope else (pq.contiguous(), None, None)
     idx, k = fused.speculate(*args, pk, torch.tensor(n) if static else n, g, alpha, cap, min_fetch, bias, k_sum,
-                             kb_sum, limit=limit)
+                             kb_sum, limit=limit, select_kernel=select_kernel)
     k = int(k)
+    if select_kernel:  # a set in position order, the rest token 0
+        assert bool((idx[..., :k].diff(dim=-1) > 0).all()) and bool((idx[..., k:] == 0).all())
     assert k == int(want_k) and idx.shape == want_idx.shape
     if 0 < k < cap:
         assert (want_idx.shape[-1] == cap)
@@ -69,6 +72,20 @@ def test_fused_speculation_counts_only_valid_positions():
     idx, k = fused.speculate(q, table, qproj, pk, 150, 2, float("inf"), 200, 0, bias, *sums)
     assert int(k) == 150 and idx.shape[-1] == 150 and bool((idx < 150).all())
     assert sorted(idx[0, 0].tolist()) == list(range(150))
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 100])
+def test_select_kernel_takes_ties_by_position(k):
+    """Equal scores: the k best are the higher ones, then the tied ones in position order; -inf
+    (masked) positions only when nothing else is left."""
+    per_kv = torch.full((1, 2, 100), 1.0)
+    per_kv[0, 0, 10:20] = 2.0
+    per_kv[0, 1, 50:] = float("-inf")
+    k_t, idx = torch.tensor(k), torch.full((1, 2, 100), -1, dtype=torch.long)
+    fused._select[(2,)](per_kv, k_t, idx, 100, 100, BLOCK=128, CAP_BLOCKS=1, CAP_BLOCK=128, num_warps=8)
+    want0 = sorted((list(range(10, 20)) + [p for p in range(100) if not 10 <= p < 20])[:k])
+    assert idx[0, 0, :k].tolist() == want0 and idx[0, 0, k:].eq(0).all()
+    assert idx[0, 1, :k].tolist() == list(range(k))  # the 50 finite ones first, then -inf ones by position
 
 
 def test_bad_speculation_setting_is_a_clear_error():
@@ -95,15 +112,19 @@ class _Torch(InfiniGenPolicy):
     gather, speculation = "triton", "torch"
 
 
-@pytest.mark.parametrize("model", ["tiny-llama-3.1", "tiny-opt"])
-def test_fused_speculation_generates_as_the_torch_path(model):
+class _FusedSelect(_Fused):
+    fused_select = True
+
+
+@pytest.mark.parametrize("model,cls", [("tiny-llama-3.1", _Fused), ("tiny-opt", _Fused), ("tiny-llama-3.1", _FusedSelect)])
+def test_fused_speculation_generates_as_the_torch_path(model, cls):
     """A model's decode with the fused speculation: the same logits and tokens as with the torch
     path, and the same counters (k summed by the fused finish kernel)."""
     from tests.unit.test_infinigen import _generate, _spec
 
     spec = _spec(model, kv_budget=0.4, alpha=0.05, min_fetch=1)
     lt, tt, pt = _generate(spec, _Torch)
-    lf, tf, pf = _generate(spec, _Fused)
+    lf, tf, pf = _generate(spec, cls)
     assert pf.fused_speculation and not pt.fused_speculation
     torch.testing.assert_close(lf, lt, atol=1e-4, rtol=1e-4)
     assert torch.equal(tf, tt)
