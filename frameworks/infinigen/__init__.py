@@ -13,7 +13,9 @@ cache, as upstream. Graph decode (`decode: graph`) runs the same step on device-
 One concern per file:
   arch.py       model-family glue (Llama-3.x / OPT): where q, norms, RoPE live
   skew.py       skewing matrices (SVD at load) and partial columns
-  select.py     speculated scores -> selected tokens (pure functions)
+  select.py     speculated scores -> selected tokens (pure functions; the CPU path and the reference)
+  fused.py      the same speculation as three Triton kernels + topk (the CUDA default)
+  green.py      SMs of their own for the gather (CUDA green contexts)
   store.py      the host KV store (pinned, token-major, its device alias) and the device buffers
   transfer.py   gather (Triton or index_select, UVA) / full-layer copy / appends: side streams, events
   cache.py      the transformers Cache the model writes into

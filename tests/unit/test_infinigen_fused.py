@@ -36,7 +36,7 @@ def _inputs(b, hkv, g, d, r, length, seed):
 @pytest.mark.parametrize("select_kernel", [False, True])
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("alpha,min_fetch", [(0.3, 0), (2.0, 0), (2.0, 7), (float("inf"), 0), (0.0, 0), (0.0, 3)])
+@pytest.mark.parametrize("alpha,min_fetch", [(0.3, 0), (2.0, 7), (float("inf"), 0), (0.0, 3)])
 @pytest.mark.parametrize("shape", [(2, 2, 4, 16, 5, 300, 257), (1, 3, 2, 8, 3, 1200, 1100)])  # several slices a lane
 def test_fused_speculation_selects_as_the_torch_path(rope, static, alpha, min_fetch, shape, select_kernel):
     b, hkv, g, d, r, length, n = shape
