@@ -27,6 +27,8 @@ beside the default in the same run:
   spec-torch  the default layout, the speculation as torch ops (select.py, ~20 kernels a layer) instead
               of the fused Triton kernels (fused.py, the CUDA default since 2026-12-03 afternoon)
   spec-select the fused speculation's selection by its own kernel (fused._select) instead of torch's topk
+  full-gather the full layers' prefetch in graph decode by the Triton gather of exactly the prefix's rows
+              (on the gather's SMs, as until 2026-12-03) instead of one copy-engine memcpy of the whole layer
   gather-*    the default layout, the Triton gather's shape changed (rows per block rN, warps wN, software-
               pipelined loop sN; best: the fastest of the gather/bs32 check on the gather's SMs)
 """
@@ -47,7 +49,8 @@ VARIANTS: dict[str, dict] = {
        for n in (32, 128)},
     "split-gathergreen8-prio": {"streams": "split", "green_sms": 8, "green_spec": "step", "priority": -1},
     "spec-torch": {"speculation": "torch"},
-    "spec-select": {"select": True},  # the fused speculation's selection by its own kernel, not torch's topk
+    "spec-select": {"select": True},
+    "full-gather": {"full_copy": "gather"},  # the full layers' prefetch by the Triton gather (on the side SMs)  # the fused speculation's selection by its own kernel, not torch's topk
     # the gather kernel's shape on the default layout (kernels.gather_selected: rows per block, warps, loop stages)
     "gather-r32": {"gather_shape": {"block_rows": 32}},
     "gather-r32-w8": {"gather_shape": {"block_rows": 32, "num_warps": 8}},
@@ -62,7 +65,7 @@ class Unsupported(Exception):
 
 def configure(ctx, policy, engine, programs="default", priority: int = 0, streams: str | None = None,
               green_sms: int | None = None, green_spec: str = "side", speculation: str | None = None,
-              gather_shape: dict | None = None, select: bool | None = None) -> dict:
+              gather_shape: dict | None = None, select: bool | None = None, full_copy: str | None = None) -> dict:
     """Apply a variant to a freshly built policy + engine, before their first batch. No setting: the
     default layout as the policy made it (streams `split`, the gather on `gather_sms` SMs of its
     own, policy.sm_partition), as with only the speculation, the gather's shape or its grid set.
@@ -77,6 +80,8 @@ def configure(ctx, policy, engine, programs="default", priority: int = 0, stream
         policy.fused_speculation = speculation == "fused"
     if select is not None:
         policy.fused_select = select
+    if full_copy is not None:
+        policy.transfer.full_copy = full_copy
     spec = "fused" if getattr(policy, "fused_speculation", False) else "torch"
     spec += "+select" if spec == "fused" and getattr(policy, "fused_select", False) else ""
     if gather_shape:  # read at each launch
@@ -85,7 +90,8 @@ def configure(ctx, policy, engine, programs="default", priority: int = 0, stream
         if programs != "default":
             policy.transfer.gather_programs = programs
         return {"streams": STREAMS_DEFAULT, "priority": 0, "programs": programs,
-                "default": speculation is None and not gather_shape and programs == "default" and select is None,
+                "default": speculation is None and not gather_shape and programs == "default" and select is None
+                and full_copy is None, "full_copy": policy.transfer.full_copy,
                 "speculation": spec,
                 "gather_shape": dict(gather_shape or {}), "sm_partition": getattr(policy, "sm_partition", None)}
     if not policy.transfer.cuda:

@@ -95,6 +95,7 @@ class Transfer:
         self.gather = gather
         self.gather_programs = kernels.PROGRAMS  # the Triton gather's grid (None: a program per block of rows)
         self.gather_shape: dict = {}  # the Triton gather's block_rows / num_warps / stages (benchmarks), else defaults
+        self.full_copy = "memcpy"  # graph decode's full-layer prefetch: "memcpy" (copy engine) | "gather" (launch_full_static)
         self.streams = STREAMS_DEFAULT
         self.spec_stream = self.gather_stream = self.copy_stream = self.append_stream = None
         if self.cuda:
@@ -258,10 +259,13 @@ class Transfer:
                            rows: torch.Tensor | None, positions: torch.Tensor, bias: torch.Tensor):
         """Graph decode: tokens 0..`tokens` (0-d device tensor) of a full layer. The attention reads
         the whole max_len buffer; `bias` [max_len] (0 / -inf) hides the rows at positions >= tokens.
-        CUDA: the Triton gather reads the first tokens x lanes rows of the token-major store (one
-        contiguous range, the same bytes as eager's copy of the prefix) into `dev` [max_len, B, Hkv,
-        2, d] on the copy stream; rows = arange(max_len x lanes) [1, n] (the kernel's index).
-        CPU: the store itself is the buffer (bias only). Returns the CUDA event after it (or None)."""
+        CUDA, on the copy stream into `dev` [max_len, B, Hkv, 2, d]: full_copy "memcpy" (the default)
+        copies the layer's whole max_len rows with one cudaMemcpyAsync (a copy engine: no SM held, and
+        PCIe left over by the SM gather of the speculated layers is used; the rows past `tokens`,
+        masked, are the only extra bytes: the counters keep eager's prefix bytes); "gather": the
+        Triton gather reads exactly the first tokens x lanes rows (rows = arange(max_len x lanes)
+        [1, n], the kernel's index), on the side SMs. CPU: the store itself is the buffer (bias
+        only). Returns the CUDA event after it (or None)."""
         if not self.cuda:
             torch.where(positions < tokens, self._zero, self._ninf, out=bias)
             return None
@@ -277,7 +281,9 @@ class Transfer:
                 t.record_stream(side)
         with _on(side):
             torch.where(positions < tokens, self._zero, self._ninf, out=bias)
-            if self.fetch:
+            if self.fetch and self.full_copy == "memcpy":  # from page-locked memory: asynchronous, capturable
+                dev.copy_(store.kv[layer, : dev.shape[0]], non_blocking=True)
+            elif self.fetch:
                 kernels.gather_selected(store.gather_source(layer), rows, count, dev.view(-1, dev.shape[-1] * 2),
                                         self.gather_programs, **self.gather_shape)
             ready = _done(side)
