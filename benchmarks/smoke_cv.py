@@ -17,7 +17,8 @@ as metrics.summarize) and the CPU seconds other processes used on the host meanw
 repetitions) and reports how often their CV exceeds 10%, also with 2 or 4 consecutive repetitions
 merged into one (a longer repetition). --floor times two fixed single-thread torch loops (compute-
 bound: a 256x256 matmul; memory-bound: a 64 MB matrix-vector product) in alternating 0.25 s
-chunks for the given seconds each, pinned to the last core, and reports the same for them.
+chunks for the given seconds each, pinned to the last core, and reports the same for them; then
+the memory-bound loop on the first and the last core in turn (is one core quieter?).
 """
 
 from __future__ import annotations
@@ -153,6 +154,24 @@ def floor(seconds: float) -> None:
               f"max/min {d.max() / d.min():.2f}")
         print("\n".join(window_report(np.ones_like(d), d, merges=(1, 4), sizes=(4, 8))))
     print(f"correlation of the two loops' chunk times: {np.corrcoef(durs['compute'], durs['memory'])[0, 1]:.2f}")
+    cores = sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
+    first, last = cores[0], cores[-1]
+    if first != last:  # is one core quieter? the memory-bound loop on each in turn
+        per_core = {first: [], last: []}
+        for i in range(int(seconds / 0.25)):
+            c = (first, last)[i % 2]
+            os.sched_setaffinity(0, {c})
+            loops["memory"]()  # settle on the core
+            t = time.perf_counter()
+            for _ in range(reps["memory"]):
+                loops["memory"]()
+            per_core[c].append(time.perf_counter() - t)
+        for c, d in per_core.items():
+            d = np.array(d)
+            print(f"memory loop on core {c}: CV {100 * (1 / d).std() / (1 / d).mean():.1f}%, max/min {d.max() / d.min():.2f}")
+            print("\n".join(window_report(np.ones_like(d), d, merges=(1,), sizes=(4,))))
+        n = min(len(v) for v in per_core.values())
+        print(f"correlation of the two cores' adjacent chunks: {np.corrcoef(per_core[first][:n], per_core[last][:n])[0, 1]:.2f}")
 
 
 def parse_set(items: list[str]) -> dict:
