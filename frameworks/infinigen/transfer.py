@@ -311,14 +311,12 @@ class Transfer:
             cap = idx.shape[-1]
             if keep_pos is None:
                 keep_pos = torch.arange(cap, device=idx.device)
+            keep = None
             if self.gather == "index_select":  # it reads every row: padding -> copies of the top row
                 idx, keep = select.pad(idx, k, keep_pos)
-            elif not done:  # the Triton gather reads the first k rows only
-                keep = keep_pos[:cap] < k
-            if done:
-                bias = slot.bias[:cap]
-            else:
-                bias = torch.where(keep, self._zero, self._ninf, out=slot.bias[:cap])
+            bias = slot.bias[:cap]
+            if not done:  # the Triton gather reads the first k rows only (the bias masks the rest)
+                torch.where(keep_pos[:cap] < k if keep is None else keep, self._zero, self._ninf, out=bias)
                 self._k_sum.add_(k)
                 self._kb_sum.add_(k, alpha=b)
             n = b * hkv * cap
