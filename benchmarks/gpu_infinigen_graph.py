@@ -25,8 +25,9 @@ one continues with the checks not yet recorded, so one call gives every answer i
   8b/correct   8B bf16 graph vs eager, batch 2, 16 generated: logit difference and token agreement (report)
   8b/eager-*   the eager step at the same batches (64 generated), for comparison
 Writes DIR/infinigen_graph.jsonl (one line per check) and DIR/infinigen_graph_summary.json.
-The whole plan takes ~3300 s (--list; every variant ever measured): --checks picks groups (a group is a check's name up to /bs or
-@, e.g. 8b/graph-fetch-split; the figures' prerequisites are added), --budget-s caps a call.
+The whole plan takes ~3300 s (--list; every variant ever measured): --checks picks groups (a group
+is a check's name up to /bs or @, e.g. 8b/graph-fetch-split; the figures' prerequisites are
+added), --budget-s caps a call.
 """
 
 from __future__ import annotations
