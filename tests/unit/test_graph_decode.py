@@ -116,10 +116,10 @@ _needs_triton = pytest.mark.skipif(not kernels.available(), reason="triton is no
     # a budget above the prompt (30 > 25 tokens): it grows with the length until 30, on the device
     pytest.param("tiny-llama-3.1", "eager", {"policy": {"max_num_kv": 30, "alpha": float("inf")}}, _TritonGatherPolicy,
                  marks=_needs_triton),
-    # CUDA's defaults: the fused speculation and the Triton gather, RoPE and OPT, alpha selecting fewer than the budget
+    # CUDA's defaults: the fused speculation and the Triton gather, alpha selecting fewer than the budget
+    # (OPT's fused path: tests/unit/test_infinigen_fused.py)
     pytest.param("tiny-llama-3.2-3b", "chunked", {"kv_budget": 0.4, "policy": {"alpha": 0.05, "min_fetch": 2}},
                  _FusedPolicy, marks=_needs_triton),
-    pytest.param("tiny-opt", "eager", {"kv_budget": 0.4}, _FusedPolicy, marks=_needs_triton),
 ])
 def test_infinigen_graph_equals_eager(model, prefill, kw, cls):
     """Graph decode (device-side positions, the step the engine captures on CUDA) = eager decode:

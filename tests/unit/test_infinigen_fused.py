@@ -116,7 +116,8 @@ class _FusedSelect(_Fused):
     fused_select = True
 
 
-@pytest.mark.parametrize("model,cls", [("tiny-llama-3.1", _Fused), ("tiny-opt", _Fused), ("tiny-llama-3.1", _FusedSelect)])
+# Llama with torch's topk: tests/unit/test_graph_decode.py (graph == eager with the fused speculation)
+@pytest.mark.parametrize("model,cls", [("tiny-opt", _Fused), ("tiny-llama-3.1", _FusedSelect)])
 def test_fused_speculation_generates_as_the_torch_path(model, cls):
     """A model's decode with the fused speculation: the same logits and tokens as with the torch
     path, and the same counters (k summed by the fused finish kernel)."""
