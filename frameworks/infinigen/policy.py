@@ -203,6 +203,9 @@ class InfiniGenPolicy(KVPolicy):
                 "partial_dims": int(next(iter(self.skews.values())).proj.shape[-1]) if self.skews else None,
                 "skew_energy_kept": float(np.mean([v.energy for v in self.skews.values()])) if self.skews else None,
                 "gather": ("uva-" if t.cuda else "cpu-") + t.gather,
+                # engine settings, not upstream's algorithm: how the speculation and the full layers' copy run
+                "speculation": ("fused+select" if self.fused_select else "fused") if self.fused_speculation else "torch",
+                "full_copy": t.full_copy if t.cuda and self.static else None,
                 "fetch": t.fetch,
             },
             "infinigen_graph_fallback": self.graph_fallback,  # None: graph decode on device positions (or eager)

@@ -495,6 +495,8 @@ def test_adapter_runs_a_cell_with_metrics():
     assert g.extra["fetched_tokens_per_step"] == m.extra["fetched_tokens_per_step"]
     # the gather's own SMs are a CUDA graph-decode setting: recorded, and not applicable on a CPU
     assert g.extra["infinigen"]["gather_sms"] == 8 and g.extra["sm_partition"] is None and m.extra["sm_partition"] is None
+    # so are the fused speculation and the copy-engine full-layer copy: the torch path and no copy on a CPU
+    assert g.extra["infinigen"]["speculation"] == "torch" and g.extra["infinigen"]["full_copy"] is None
 
 
 def test_green_partition_is_unavailable_without_cuda():
