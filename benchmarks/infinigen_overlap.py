@@ -49,8 +49,8 @@ VARIANTS: dict[str, dict] = {
        for n in (32, 128)},
     "split-gathergreen8-prio": {"streams": "split", "green_sms": 8, "green_spec": "step", "priority": -1},
     "spec-torch": {"speculation": "torch"},
-    "spec-select": {"select": True},
-    "full-gather": {"full_copy": "gather"},  # the full layers' prefetch by the Triton gather (on the side SMs)  # the fused speculation's selection by its own kernel, not torch's topk
+    "spec-select": {"select": True},  # the fused speculation's selection by its own kernel, not torch's topk
+    "full-gather": {"full_copy": "gather"},  # the full layers' prefetch by the Triton gather (on the side SMs)
     # the gather kernel's shape on the default layout (kernels.gather_selected: rows per block, warps, loop stages)
     "gather-r32": {"gather_shape": {"block_rows": 32}},
     "gather-r32-w8": {"gather_shape": {"block_rows": 32, "num_warps": 8}},
@@ -82,8 +82,7 @@ def configure(ctx, policy, engine, programs="default", priority: int = 0, stream
         policy.fused_select = select
     if full_copy is not None:
         policy.transfer.full_copy = full_copy
-    spec = "fused" if getattr(policy, "fused_speculation", False) else "torch"
-    spec += "+select" if spec == "fused" and getattr(policy, "fused_select", False) else ""
+    spec = policy.speculation_used()
     if gather_shape:  # read at each launch
         policy.transfer.gather_shape = dict(gather_shape)
     if not priority and streams is None and not green_sms:  # the default layout (the gather's shape aside)

@@ -106,6 +106,12 @@ class InfiniGenPolicy(KVPolicy):
             raise RuntimeError("speculation 'fused' needs the triton package (CUDA builds of torch bring it)")
         return how
 
+    def speculation_used(self) -> str:
+        """How this policy's decode speculates (after prepare): torch, fused or fused+select."""
+        if not self.fused_speculation:
+            return "torch"
+        return "fused+select" if self.fused_select else "fused"
+
     def _partition(self) -> dict | None:
         """Graph decode on CUDA with the Triton gather: the gather's streams on `gather_sms` SMs of their
         own, the captured step and the speculation on the rest (green.py). None: not asked for or not
@@ -204,7 +210,7 @@ class InfiniGenPolicy(KVPolicy):
                 "skew_energy_kept": float(np.mean([v.energy for v in self.skews.values()])) if self.skews else None,
                 "gather": ("uva-" if t.cuda else "cpu-") + t.gather,
                 # engine settings, not upstream's algorithm: how the speculation and the full layers' copy run
-                "speculation": ("fused+select" if self.fused_select else "fused") if self.fused_speculation else "torch",
+                "speculation": self.speculation_used(),
                 "full_copy": t.full_copy if t.cuda and self.static else None,
                 "fetch": t.fetch,
             },
