@@ -72,7 +72,7 @@ GATHER_SHAPES = [{}, {"block_rows": 32}, {"block_rows": 64}, {"num_warps": 8}, {
 OLD_VARIANTS = ("split", "split-gathergreen8-prog128", "split-gathergreen16", "split-gathergreen8", "split-gathergreen8-prio", "split-gathergreen8-prog32", "split-gathergreen32",
                 "split-prog16", "split-prog32", "split-green16", "green8", "green32", "side", "serial", "split-prio",
                 "green16", "prio", "fullgrid")
-TINY_VARIANTS = ("full-gather", "spec-torch", "split", "side", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
+TINY_VARIANTS = ("full-gather", "spec-torch", "spec-select", "split", "side", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
 
 
 def plan(tiny: bool) -> list[tuple[str, float]]:
