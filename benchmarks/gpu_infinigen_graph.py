@@ -63,7 +63,7 @@ TINY = [("correct/tiny-llama", "tiny-llama-3.1", "eager", 0.4, {}, "none"),
 # that wins at 8 and 32 must not lose at 1), the old ones at the batches that miss the target
 # (the default step: `split` with the gather on 8 SMs of its own, since 2026-12-03; `split` alone
 # is the layout it replaced, `side` the one before)
-NEW_VARIANTS = ("full-gather", "spec-torch", "spec-select", "gather-best", "gather-r32", "gather-s2")
+NEW_VARIANTS = ("full-chunked", "full-gather", "spec-torch", "spec-select", "gather-best", "gather-r32", "gather-s2")
 GATHER_SHAPES = [{}, {"block_rows": 32}, {"block_rows": 64}, {"num_warps": 8}, {"block_rows": 32, "num_warps": 8},
                  {"stages": 2}, {"stages": 3}, {"block_rows": 8}, {"programs": 128}, {"programs": 128, "block_rows": 32},
                  {"programs": 256}]  # gather/bsB: the Triton gather alone ({} = the default shape)
@@ -72,7 +72,7 @@ GATHER_SHAPES = [{}, {"block_rows": 32}, {"block_rows": 64}, {"num_warps": 8}, {
 OLD_VARIANTS = ("split", "split-gathergreen8-prog128", "split-gathergreen16", "split-gathergreen8", "split-gathergreen8-prio", "split-gathergreen8-prog32", "split-gathergreen32",
                 "split-prog16", "split-prog32", "split-green16", "green8", "green32", "side", "serial", "split-prio",
                 "green16", "prio", "fullgrid")
-TINY_VARIANTS = ("full-gather", "spec-torch", "spec-select", "split", "side", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
+TINY_VARIANTS = ("full-chunked", "full-gather", "spec-torch", "spec-select", "split", "side", "serial", "green16")  # correct/tiny-llama@v: graph == eager under the variant
 
 
 def plan(tiny: bool) -> list[tuple[str, float]]:

@@ -27,6 +27,8 @@ beside the default in the same run:
   spec-torch  the default layout, the speculation as torch ops (select.py, ~20 kernels a layer) instead
               of the fused Triton kernels (fused.py, the CUDA default since 2026-12-03 afternoon)
   spec-select the fused speculation's selection by its own kernel (fused._select) instead of torch's topk
+  full-chunked the full layers' next-step memcpy in pieces, one at each later layer's start after that
+              layer's gather (filling PCIe's gaps between the gathers), instead of one copy at layer 1
   full-gather the full layers' prefetch in graph decode by the Triton gather of exactly the prefix's rows
               (on the gather's SMs, as until 2026-12-03) instead of one copy-engine memcpy of the whole layer
   gather-*    the default layout, the Triton gather's shape changed (rows per block rN, warps wN, software-
@@ -50,6 +52,7 @@ VARIANTS: dict[str, dict] = {
     "split-gathergreen8-prio": {"streams": "split", "green_sms": 8, "green_spec": "step", "priority": -1},
     "spec-torch": {"speculation": "torch"},
     "spec-select": {"select": True},  # the fused speculation's selection by its own kernel, not torch's topk
+    "full-chunked": {"full_copy": "chunked"},  # the full layers' next-step copy in pieces, one after each later gather
     "full-gather": {"full_copy": "gather"},  # the full layers' prefetch by the Triton gather (on the side SMs)
     # the gather kernel's shape on the default layout (kernels.gather_selected: rows per block, warps, loop stages)
     "gather-r32": {"gather_shape": {"block_rows": 32}},

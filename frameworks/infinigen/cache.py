@@ -237,8 +237,21 @@ class InfiniGenCache(Cache):
         j = i + 1
         if j < self.arch.n_layers and not self.layers[j].full:
             self.pending[j] = self._launch_sparse(j, hidden, position_embeddings)
-        if i >= 1 and self.layers[i - 1].full:  # the next step's, with this step's token (appended)
+        if self.transfer.full_copy == "chunked" and self.transfer.cuda:
+            self._static_full_chunks(i)
+        elif i >= 1 and self.layers[i - 1].full:  # the next step's, with this step's token (appended)
             self._static_full(i - 1, self.len_t + 1)
+
+    def _static_full_chunks(self, i: int) -> None:
+        """full_copy "chunked": full layer f's copy for the next step (with this step's token) in
+        pieces of its rows, one at each later layer's start i = f+1 .. n_layers-1, each after layer i's
+        gather (on PCIe in the gap before the next gather, instead of one copy beside the first ones)."""
+        gathered = self.pending[i].ready if self.pending[i] is not None else None
+        for f in self.full_dev:
+            part = full_chunk(self.max_len, self.arch.n_layers, f, i)
+            if part is not None:
+                self.transfer.launch_full_static(self.store, f, self.len_t + 1, self.full_dev[f], self.full_rows,
+                                                 self.positions, self.full_bias[f], part=part, after=gathered)
 
     def _static_update(self, layer: InfiniGenLayer, key: torch.Tensor, value: torch.Tensor):
         i, last = layer.index, layer.index + 1 == self.arch.n_layers
@@ -335,6 +348,16 @@ class InfiniGenCache(Cache):
         prev = self.store.prefix(i, start).to(key.device, non_blocking=True)  # [start, B, Hkv, 2, d]
         keys, values = (prev[..., w, :].permute(1, 2, 0, 3) for w in (0, 1))
         return torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2)
+
+
+def full_chunk(max_len: int, n_layers: int, f: int, i: int) -> tuple[int, int] | None:
+    """Rows (lo, hi) of full layer f's next-step copy made at layer i's start (full_copy "chunked"):
+    layers f+1 .. n_layers-1 each copy one of n_layers-1-f equal pieces; None at any other layer
+    (and for the last layer, fetched within its own step)."""
+    n, c = n_layers - 1 - f, i - f - 1
+    if n < 1 or not 0 <= c < n:
+        return None
+    return c * max_len // n, (c + 1) * max_len // n
 
 
 def _clone(part):

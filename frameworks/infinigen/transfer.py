@@ -95,7 +95,9 @@ class Transfer:
         self.gather = gather
         self.gather_programs = kernels.PROGRAMS  # the Triton gather's grid (None: a program per block of rows)
         self.gather_shape: dict = {}  # the Triton gather's block_rows / num_warps / stages (benchmarks), else defaults
-        self.full_copy = "memcpy"  # graph decode's full-layer prefetch: "memcpy" (copy engine) | "gather" (launch_full_static)
+        # graph decode's full-layer prefetch (launch_full_static): "memcpy" (one copy-engine copy),
+        # "chunked" (the same copy in pieces, one after each later layer's gather) | "gather" (Triton)
+        self.full_copy = "memcpy"
         self.streams = STREAMS_DEFAULT
         self.spec_stream = self.gather_stream = self.copy_stream = self.append_stream = None
         if self.cuda:
@@ -255,8 +257,11 @@ class Transfer:
         target = store.kv if store.dev is None else store.dev
         target[layer].index_copy_(0, position, store.pack(key, value))
 
+    FULL_COPIES = ("memcpy", "chunked", "gather")
+
     def launch_full_static(self, store, layer: int, tokens: torch.Tensor, dev: torch.Tensor | None,
-                           rows: torch.Tensor | None, positions: torch.Tensor, bias: torch.Tensor):
+                           rows: torch.Tensor | None, positions: torch.Tensor, bias: torch.Tensor,
+                           part: tuple[int, int] | None = None, after=None):
         """Graph decode: tokens 0..`tokens` (0-d device tensor) of a full layer. The attention reads
         the whole max_len buffer; `bias` [max_len] (0 / -inf) hides the rows at positions >= tokens.
         CUDA, on the copy stream into `dev` [max_len, B, Hkv, 2, d]: full_copy "memcpy" (the default)
@@ -264,24 +269,37 @@ class Transfer:
         PCIe left over by the SM gather of the speculated layers is used; the rows past `tokens`,
         masked, are the only extra bytes: the counters keep eager's prefix bytes); "gather": the
         Triton gather reads exactly the first tokens x lanes rows (rows = arange(max_len x lanes)
-        [1, n], the kernel's index), on the side SMs. CPU: the store itself is the buffer (bias
+        [1, n], the kernel's index), on the side SMs. part (lo, hi): only rows lo..hi of the memcpy
+        (full_copy "chunked": the bias with the part at lo 0), and the copy stream first waits on the
+        event `after` too (the gather it follows on PCIe). CPU: the store itself is the buffer (bias
         only). Returns the CUDA event after it (or None)."""
+        if self.full_copy not in self.FULL_COPIES:
+            raise ValueError(f"unknown full_copy {self.full_copy!r}: one of {', '.join(self.FULL_COPIES)}")
         if not self.cuda:
-            torch.where(positions < tokens, self._zero, self._ninf, out=bias)
+            if part is None or part[0] == 0:
+                torch.where(positions < tokens, self._zero, self._ninf, out=bias)
             return None
+        if part is not None and self.full_copy != "chunked":
+            raise ValueError(f"a part of a full layer's copy is full_copy 'chunked' only (this is {self.full_copy!r})")
         lanes = store.batch * store.shape[3]
         count = tokens * lanes  # rows, made on the compute stream before the copy stream follows it
         side = self.copy_stream
         if side is not None:
-            after = torch.cuda.Event()
-            after.record()
-            side.wait_event(after)
+            computed = torch.cuda.Event()
+            computed.record()
+            side.wait_event(computed)
+            if after is not None:
+                side.wait_event(after)
             self._fork(side)
             for t in (tokens, count):
                 t.record_stream(side)
         with _on(side):
-            torch.where(positions < tokens, self._zero, self._ninf, out=bias)
-            if self.fetch and self.full_copy == "memcpy":  # from page-locked memory: asynchronous, capturable
+            if part is None or part[0] == 0:
+                torch.where(positions < tokens, self._zero, self._ninf, out=bias)
+            if part is not None:  # the chunk's rows (all of them ever written, like the whole-layer copy)
+                if self.fetch:
+                    dev[part[0]:part[1]].copy_(store.kv[layer, part[0]:part[1]], non_blocking=True)
+            elif self.fetch and self.full_copy in ("memcpy", "chunked"):  # from page-locked memory: capturable
                 dev.copy_(store.kv[layer, : dev.shape[0]], non_blocking=True)
             elif self.fetch:
                 kernels.gather_selected(store.gather_source(layer), rows, count, dev.view(-1, dev.shape[-1] * 2),

@@ -371,6 +371,27 @@ def test_unknown_gather_is_a_clear_error():
         Transfer(torch.device("cpu"), gather="memcpy")
 
 
+@pytest.mark.parametrize("max_len,n_layers,f", [(2304, 32, 0), (2304, 32, 1), (40, 2, 0), (5, 12, 0), (7, 3, 1)])
+def test_chunked_full_copy_covers_every_row_once(max_len, n_layers, f):
+    """full_copy "chunked": the pieces made at layers f+1 .. n_layers-1 tile rows 0..max_len, in order."""
+    from frameworks.infinigen.cache import full_chunk
+
+    parts = [full_chunk(max_len, n_layers, f, i) for i in range(n_layers)]
+    assert all(p is None for p in parts[: f + 1])
+    got = [p for p in parts if p is not None]
+    assert len(got) == n_layers - 1 - f and got[0][0] == 0 and got[-1][1] == max_len
+    assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
+    assert full_chunk(max_len, n_layers, n_layers - 1, n_layers - 1) is None  # the last layer: fetched in its step
+
+
+def test_unknown_full_copy_is_a_clear_error():
+    t = Transfer(torch.device("cpu"))
+    t.full_copy = "dma"
+    z = torch.zeros(4)
+    with pytest.raises(ValueError, match="unknown full_copy 'dma': one of memcpy, chunked, gather"):
+        t.launch_full_static(None, 0, torch.tensor(2), None, None, torch.arange(4), z)
+
+
 def test_selection_shapes_do_not_depend_on_the_data():
     """No host sync: the selected-index tensor's shape is a function of (B, Hkv, cap, L) only;
     the data-dependent count k is a 0-d tensor that is never read on the host."""
