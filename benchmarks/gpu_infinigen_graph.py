@@ -295,7 +295,13 @@ def check_8b_correct(ctx) -> dict:
     (lr, tr, _), (lg, tg, gs) = runs["eager"], runs["graph"]
     agree = (tg == tr).float().mean().item()
     first = int((tg != tr).any(0).nonzero()[0]) if agree < 1 else None
+    # up to the first differing token both runs saw the same inputs: those steps' differences are the
+    # modes' own (step 0: the prefill's logits); after it the sequences differ
+    upto = (lg - lr).abs().amax(dim=(1, 2))[: (first + 1) if first is not None else None]
+    margin = lr.topk(2, dim=-1).values
     return {"max_abs_logit_diff": (lg - lr).abs().max().item(), "logit_scale": lr.abs().max().item(),
+            "max_abs_logit_diff_per_step_until_first_difference": [round(x, 4) for x in upto.tolist()],
+            "eager_top2_margin_min_per_step": [round(x, 4) for x in (margin[..., 0] - margin[..., 1]).amin(1).tolist()],
             "token_agreement": agree, "first_differing_step": first, "graph": gs,
             "note": "bf16: a report (a near-tie can flip a greedy token once the summation order differs)"}
 
