@@ -24,12 +24,12 @@ paper: $(VENV)/.installed
 	$(BIN)/python -m workflow.lib.lock
 	$(BIN)/snakemake --cores all --config preset=paper $(CONFIG)
 
-# the fast tier (~18 min on 2 cores): unit tests, dry-runs, bad input, preflight, and the rerun checks on a
+# the fast tier (16 min on 2 cores): unit tests, dry-runs, bad input, preflight, and the rerun checks on a
 # 13-cell smoke subset (no-op, forced cell, deleted / corrupt results, status, a killed run resumed)
 test: $(VENV)/.installed
 	$(BIN)/pytest -m "not e2e"
 
-# the end-to-end tier (~25 min on 2 cores; .ci/run runs it after make test): the whole smoke preset
+# the end-to-end tier (22 min on 2 cores; .ci/run runs it after make test): the whole smoke preset
 # (every cell, tables, figures, the trained model, claims, the report in Chromium) and the docker tests
 test-e2e: $(VENV)/.installed
 	$(BIN)/pytest -m e2e
