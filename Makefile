@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?=
 
-.PHONY: smoke paper test test-docker test-vllm-image test-slurm images gpu-wheels status compare smoke-reference
+.PHONY: smoke paper test test-e2e test-docker test-vllm-image test-slurm images gpu-wheels status compare smoke-reference
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,15 @@ paper: $(VENV)/.installed
 	$(BIN)/python -m workflow.lib.lock
 	$(BIN)/snakemake --cores all --config preset=paper $(CONFIG)
 
+# the fast tier (16 min on 2 cores): unit tests, dry-runs, bad input, preflight, and the rerun checks on a
+# 13-cell smoke subset (no-op, forced cell, deleted / corrupt results, status, a killed run resumed)
 test: $(VENV)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not e2e"
+
+# the end-to-end tier (22 min on 2 cores; .ci/run runs it after make test): the whole smoke preset
+# (every cell, tables, figures, the trained model, claims, the report in Chromium) and the docker tests
+test-e2e: $(VENV)/.installed
+	$(BIN)/pytest -m e2e
 
 # the docker tests alone; they fail (instead of skipping) without a Docker engine
 test-docker: $(VENV)/.installed

@@ -16,7 +16,7 @@ from tests.conftest import copy_repo, snakemake
 from tests.docker.conftest import docker, docker_config
 from workflow.lib import launch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # make test-e2e
 SECRET = "hf_kvstudy_canary_" + hashlib.sha1(str(os.getpid()).encode()).hexdigest()[:12]
 # the engine frameworks: the vLLM image has its CPU variant and its own job (test_vllm_image.py)
 RUN = ["--cores", "2", "--configfile", "docker.yaml", "--config", "preset=smoke", "experiments=[kv_budget,model_size]",

@@ -1,4 +1,9 @@
-"""The pipeline for real: a smoke run, a no-op rerun, single-cell reruns, resume after a kill."""
+"""The pipeline for real: a smoke run, a no-op rerun, single-cell reruns, resume after a kill.
+
+Two runs: the whole smoke preset (~12-20 min on 2 cores; marked e2e: `make test-e2e`) for what
+needs every cell (tables, figures, the trained model, claims, the report in a browser), and its
+hf cells of four experiments (13 cells, ~2 min; `make test`) for how the workflow reruns:
+no-op, forced cell, deleted and corrupt results, status commands, bad config."""
 
 import json
 import os
@@ -41,11 +46,29 @@ def mtimes(repo) -> dict[str, float]:
     return {str(p.relative_to(repo)): p.stat().st_mtime_ns for p in (repo / "results").rglob("*") if p.is_file()}
 
 
+SMOKE = ["--config", "preset=smoke", "runner=local", VLLM_VENV]
+# the rerun checks' cells: hf in the experiments they touch (batch feeds the most figures, the decision guide's too)
+SUBSET_FILTERS = {"experiments": ["batch", "model_size", "request_rate", "kv_budget"], "frameworks": ["hf"]}
+SUBSET = [*SMOKE, f"experiments=[{','.join(SUBSET_FILTERS['experiments'])}]", "frameworks=[hf]"]
+e2e = pytest.mark.e2e
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The whole smoke preset, every framework and experiment."""
     repo = copy_repo(tmp_path_factory.mktemp("smoke") / "repo")
-    p = snakemake(repo, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, timeout=1800)
+    p = snakemake(repo, "--cores", "all", *SMOKE, timeout=1800)
     assert p.returncode == 0, p.stderr[-4000:]
+    return repo
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory):
+    """The smoke preset's hf cells of SUBSET_FILTERS' experiments, with their tables, figures and report."""
+    repo = copy_repo(tmp_path_factory.mktemp("subset") / "repo")
+    p = snakemake(repo, "--cores", "all", *SUBSET, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert len(list((repo / "results/cells").rglob("*.json"))) == len(cells_of("smoke", **SUBSET_FILTERS)) == 13
     return repo
 
 
@@ -59,6 +82,7 @@ def test_paper_dry_run_lists_every_cell_of_every_framework(repo_copy):
         assert path in p.stdout
 
 
+@e2e
 def test_smoke_writes_tables_and_figures_from_real_runs(smoke):
     cells = cells_of("smoke")
     for path in cells:
@@ -77,6 +101,7 @@ def test_smoke_writes_tables_and_figures_from_real_runs(smoke):
     assert len(figs) == len(scripts) == 12 and all(f.stat().st_size > 10_000 and f.with_suffix(".pdf").exists() for f in figs)
 
 
+@e2e
 def test_smoke_trains_a_model_and_measures_its_retention(smoke):
     """The trained model really retrieves (issue 13's target): full-cache recall >= 0.95 at every
     context length, in its training log and in the tables (every framework at KV budget 1.0: the
@@ -98,6 +123,7 @@ def test_smoke_trains_a_model_and_measures_its_retention(smoke):
     assert len(full) and (full["value"] >= 0.95).all(), full[["framework", "prompt_len", "value"]].to_string()
 
 
+@e2e
 def test_report_has_every_claim_the_guide_and_the_reference_comparison(smoke):
     claims = pd.read_csv(smoke / "results/claims.csv").fillna("")
     assert list(claims["claim"]) == [f"C{i}" for i in range(1, 8)]
@@ -112,6 +138,7 @@ def test_report_has_every_claim_the_guide_and_the_reference_comparison(smoke):
     assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", page, re.I)
 
 
+@e2e
 @pytest.mark.skipif(browser.chromium() is None and not os.environ.get("KVSTUDY_REQUIRE_BROWSER"),
                     reason="chromium not installed (apt-get install chromium; .ci/run installs it)")
 def test_report_renders_in_chromium(smoke):
@@ -123,37 +150,46 @@ def test_report_renders_in_chromium(smoke):
     assert len(found["images"]) == 12 and found["screenshot"], found
 
 
-def test_second_run_does_nothing(smoke):
-    before = mtimes(smoke)
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
-    assert p.returncode == 0 and "Nothing to be done" in p.stdout + p.stderr
-    assert mtimes(smoke) == before
+def nothing_to_do(repo, config: list[str]) -> None:
+    before = mtimes(repo)
+    p = snakemake(repo, "--cores", "all", *config)
+    assert p.returncode == 0 and "Nothing to be done" in p.stdout + p.stderr, p.stderr[-3000:]
+    assert mtimes(repo) == before
 
 
-def test_force_one_cell_redoes_only_that_cell(smoke):
+@e2e
+def test_second_run_of_the_whole_preset_does_nothing(smoke):
+    nothing_to_do(smoke, SMOKE)  # every rule: the vLLM venv, the trainer, accuracy and vLLM cells too
+
+
+def test_second_run_does_nothing(subset):
+    nothing_to_do(subset, SUBSET)
+
+
+def test_force_one_cell_redoes_only_that_cell(subset):
     target = "results/cells/batch/hf/tiny-llama-3.1/bs4_in256_out64_kv1_sdpa.json"
-    before = mtimes(smoke)
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "-f", target)
+    before = mtimes(subset)
+    p = snakemake(subset, "--cores", "all", *SUBSET, "-f", target)
     assert p.returncode == 0, p.stderr[-3000:]
-    after = mtimes(smoke)
+    after = mtimes(subset)
     assert [k for k in after if after[k] != before[k]] == [target]
     # the next full run refreshes only what depends on that cell
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
-    changed = {k for k, v in mtimes(smoke).items() if v != after[k]}
+    p = snakemake(subset, "--cores", "all", *SUBSET)
+    changed = {k for k, v in mtimes(subset).items() if v != after[k]}
     assert changed == {"results/tables/batch.csv"} | {f"results/figures/{f}.{e}" for f in
                                                         ("throughput_vs_batch", "memory_vs_batch", "tok_s_per_gb_vs_batch", "engine_decode",
                                                          "decision_guide") for e in ("pdf", "png")} | REPORT
 
 
-def test_forcerun_redoes_cell_and_dependents(smoke):
+def test_forcerun_redoes_cell_and_dependents(subset):
     target = "results/cells/kv_budget/hf/tiny-llama-3.1/bs4_in256_out64_kv1_sdpa.json"
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "-n", "--forcerun", target)
+    p = snakemake(subset, "--cores", "all", *SUBSET, "-n", "--forcerun", target)
     assert jobs(p.stdout) == {"run_cell": 1, "table": 1, "figure": 1, "claims": 1, "decision_guide": 1,
                               "compare_reference": 1, "report": 1, "all": 1}, p.stdout
 
 
 def status(repo) -> str:
-    p = subprocess.run([sys.executable, "-m", "workflow.lib.status", "--config", "preset=smoke", "runner=local", VLLM_VENV], cwd=repo,
+    p = subprocess.run([sys.executable, "-m", "workflow.lib.status", *SUBSET], cwd=repo,
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
     assert p.returncode == 0, p.stderr
     return p.stdout
@@ -166,60 +202,60 @@ def pasted(repo, stdout: str, kind: str, path: str) -> subprocess.CompletedProce
     return subprocess.run(shlex.split(cmd), cwd=repo, capture_output=True, text=True, timeout=600)
 
 
-def test_status_lists_non_ok_cells_with_commands_that_work(smoke):
-    oom = smoke / "results/cells/model_size/hf/tiny-llama-3.1/bs4_in256_out64_kv1_sdpa.json"
-    gone = smoke / "results/cells/model_size/hf/tiny-llama-3.2-1b/bs4_in256_out64_kv1_sdpa.json"
+def test_status_lists_non_ok_cells_with_commands_that_work(subset):
+    oom = subset / "results/cells/model_size/hf/tiny-llama-3.1/bs4_in256_out64_kv1_sdpa.json"
+    gone = subset / "results/cells/model_size/hf/tiny-llama-3.2-1b/bs4_in256_out64_kv1_sdpa.json"
     r = result.load(oom)
     r.update(status="oom", message="OutOfMemoryError: test", summary=None, samples=[])
     result.write_atomic(oom, r)
     gone.unlink()
-    out = status(smoke)
-    rel_oom, rel_gone = str(oom.relative_to(smoke)), str(gone.relative_to(smoke))
+    out = status(subset)
+    rel_oom, rel_gone = str(oom.relative_to(subset)), str(gone.relative_to(subset))
     assert f"oom          {rel_oom}" in out and f"missing      {rel_gone}" in out
     assert f"--cores all --forcerun {rel_oom} --config preset=smoke runner=local" in out
-    assert f"cells: 1 missing, {len(cells_of('smoke')) - 2} ok, 1 oom" in out
-    p = pasted(smoke, out, "run", rel_gone)
+    assert f"cells: 1 missing, {len(cells_of('smoke', **SUBSET_FILTERS)) - 2} ok, 1 oom" in out
+    p = pasted(subset, out, "run", rel_gone)
     assert p.returncode == 0 and gone.exists(), p.stderr[-3000:]
-    p = pasted(smoke, out, "rerun", rel_oom)
+    p = pasted(subset, out, "rerun", rel_oom)
     assert p.returncode == 0 and result.load(oom)["status"] == "ok", p.stderr[-3000:]
-    assert "cells: " + f"{len(cells_of('smoke'))} ok" in status(smoke)
+    assert "cells: " + f"{len(cells_of('smoke', **SUBSET_FILTERS))} ok" in status(subset)
 
 
-def test_deleted_result_reruns_although_its_table_exists(smoke):
+def test_deleted_result_reruns_although_its_table_exists(subset):
     target = "results/cells/model_size/hf/tiny-llama-3.2-3b/bs4_in256_out64_kv1_sdpa.json"
-    before = mtimes(smoke)
-    (smoke / target).unlink()
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
+    before = mtimes(subset)
+    (subset / target).unlink()
+    p = snakemake(subset, "--cores", "all", *SUBSET)
     assert p.returncode == 0, p.stderr[-3000:]
-    changed = {k for k, v in mtimes(smoke).items() if v != before.get(k)}
+    changed = {k for k, v in mtimes(subset).items() if v != before.get(k)}
     assert changed == {target, "results/tables/model_size.csv", "results/figures/model_size.pdf",
                        "results/figures/model_size.png", "results/figures/decision_guide.pdf",
                        "results/figures/decision_guide.png"} | REPORT
 
 
-def test_corrupt_result_stops_the_run_before_any_table(smoke):
-    cell = smoke / "results/cells/request_rate/hf/tiny-llama-3.1/bs8_in128_out16_kv1_sdpa_rate16-n16.json"
+def test_corrupt_result_stops_the_run_before_any_table(subset):
+    cell = subset / "results/cells/request_rate/hf/tiny-llama-3.1/bs8_in128_out16_kv1_sdpa_rate16-n16.json"
     saved = cell.read_text()
-    before = mtimes(smoke)
+    before = mtimes(subset)
     try:
         for corrupt in (saved[: len(saved) // 2], '{"status": "ok"}'):  # truncated; valid JSON, wrong schema
             cell.write_text(corrupt)
-            p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV)
+            p = snakemake(subset, "--cores", "all", *SUBSET)
             assert p.returncode != 0
             out = p.stdout + p.stderr
-            assert f"{cell.relative_to(smoke)}: " in out and "delete it to rerun the cell" in out, out[-3000:]
+            assert f"{cell.relative_to(subset)}: " in out and "delete it to rerun the cell" in out, out[-3000:]
             assert "Traceback" not in out
-            assert cell.exists() and (smoke / "results/tables/request_rate.csv").exists()  # nothing deleted
-            assert {k: v for k, v in mtimes(smoke).items() if k != str(cell.relative_to(smoke))} == \
-                {k: v for k, v in before.items() if k != str(cell.relative_to(smoke))}
+            assert cell.exists() and (subset / "results/tables/request_rate.csv").exists()  # nothing deleted
+            assert {k: v for k, v in mtimes(subset).items() if k != str(cell.relative_to(subset))} == \
+                {k: v for k, v in before.items() if k != str(cell.relative_to(subset))}
     finally:
         cell.write_text(saved)
 
 
-def test_bad_config_touches_no_result(smoke):
-    before = mtimes(smoke)
-    p = snakemake(smoke, "--cores", "all", "--config", "preset=smoke", "runner=local", VLLM_VENV, "frameworks=[nope]")
-    assert p.returncode != 0 and mtimes(smoke) == before
+def test_bad_config_touches_no_result(subset):
+    before = mtimes(subset)
+    p = snakemake(subset, "--cores", "all", *SMOKE, "frameworks=[nope]")
+    assert p.returncode != 0 and mtimes(subset) == before
 
 
 def cell_processes(repo) -> list[str]:
