@@ -33,7 +33,10 @@ soon as it is measured, and a variant's exception is recorded and the next one r
   overhead   a fresh process: imports + 8B build + warm-up batch with the capture (bs 16), with
              compile layers on an empty Inductor cache (cold: the first cell of a run), again on
              that cache (warm: every later cell of the model and batch), the warm one again without
-             Inductor's compile-worker pool (TORCH_WARM_POOL=0), and with compile none
+             Inductor's compile-worker pool (TORCH_WARM_POOL=0), and with compile none; in the
+             environment a local cell gets from the launcher (a bytecode cache where this Python
+             has none and may not write it, workflow/lib/launch.py needs_pycache: emptied with
+             the Inductor cache for the cold one)
   h2otorch   h2o graph at budget 0.2 with the torch path instead of the Triton kernels, batch 1/16/64
   compile    hf with torch.compile(mode="reduce-overhead") instead of one CUDA graph, batch 1/16/64
 The default 490 s usually ends before h2otorch / compile: `--only h2otorch,compile` runs them in a call of their own.
@@ -441,16 +444,24 @@ def run_overhead(ctx: Ctx, batch: int, cache: str = "fresh", compile: str | None
     cache the last "fresh" one filled (a later cell of the same model and batch)."""
     t0 = time.time()
     cache_dir = ctx.out / "inductor-cache"
+    pycache_dir = ctx.out / "pycache"  # where the launcher would cache bytecode (launch.needs_pycache)
     if cache == "fresh":
         import shutil
 
         shutil.rmtree(cache_dir, ignore_errors=True)
+        shutil.rmtree(pycache_dir, ignore_errors=True)
     cmd = [sys.executable, __file__, "--overhead-child", "--batch", str(batch), "--t0", repr(t0)] + (["--tiny"] if ctx.tiny else [])
     cmd += ["--compile", compile] if compile else []
     # the cell's environment: the launcher's Inductor cache variable, and not the benchmark workers'
     # allocator setting (expandable segments map a model's 16 GB in small pieces: slower to build)
+    # and its bytecode cache where the launcher gives a local cell one
+    from workflow.lib import launch
+
     extra_env = env or {}
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir.resolve()), **extra_env)
+    pycache = launch.needs_pycache(env)
+    if pycache:
+        env.update(PYTHONPYCACHEPREFIX=str(pycache_dir.resolve()), PYTHONDONTWRITEBYTECODE="")
     cell_alloc = os.environ.get("KVSTUDY_CELL_ALLOC_CONF")
     if cell_alloc is not None:
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
@@ -464,7 +475,7 @@ def run_overhead(ctx: Ctx, batch: int, cache: str = "fresh", compile: str | None
         raise RuntimeError(f"overhead child exited {p.returncode}: {p.stderr[-2000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res.update(inductor_cache=cache, inductor_cache_dir=str(cache_dir), alloc_conf=env.get("PYTORCH_CUDA_ALLOC_CONF"),
-               env=extra_env)
+               env=extra_env, pycache=str(pycache_dir) if pycache else None)
     if env.get("PYTHONPROFILEIMPORTTIME"):
         res["slowest_imports"] = slowest_imports(p.stderr)
     return res

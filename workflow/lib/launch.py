@@ -45,8 +45,56 @@ CELL_MODULE = ("-m", "frameworks.harness.run_cell")
 # compiled before loads the code. Under results/ (mounted in containers, whose HOME is a temp dir)
 INDUCTOR_CACHE = "cache/torchinductor"
 TRITON_CACHE = "cache/triton"
+# Python's bytecode for a local cell whose environment has none and may not write it
+# (PYTHONDONTWRITEBYTECODE set, torch installed without __pycache__, as on the H200 machine): there
+# every cell process compiles torch's and transformers' ~3600 modules from source, 10-13 s of an 8B
+# cell's start against 3.4 s from bytecode (results/reference/h200-2026-12-04/). Such a cell gets a
+# bytecode cache here instead (PYTHONPYCACHEPREFIX), outside the environment's tree.
+PYCACHE = "cache/pycache"
 WORKDIR = "/work"  # the images' WORKDIR; results/ is mounted at /work/results
 GRACE_S = 300  # on top of the cell's own time limit: image start, model build, result write
+
+
+def local_cache_env(env: dict[str, str], results_dir: Path, python: str | None = None) -> dict[str, str]:
+    """The on-disk caches a local cell gets under results_dir, for the variables env leaves unset:
+    Inductor's, Triton's, and - only where the cell's environment would otherwise compile every
+    module from source (`needs_pycache`) - Python's bytecode."""
+    out = {}
+    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", INDUCTOR_CACHE), ("TRITON_CACHE_DIR", TRITON_CACHE)):
+        if var not in env:
+            out[var] = str((results_dir / sub).resolve())
+    if needs_pycache(env, python):
+        out["PYTHONPYCACHEPREFIX"] = str((results_dir / PYCACHE).resolve())
+        out["PYTHONDONTWRITEBYTECODE"] = ""  # empty: Python writes bytecode (it tests for a non-empty value)
+    return out
+
+
+# files whose bytecode tells whether an environment was installed with it (found without importing)
+BYTECODE_PROBES = {"torch": ("__init__.py", "_tensor.py", "nn/modules/module.py"),
+                   "transformers": ("__init__.py", "modeling_utils.py", "models/llama/modeling_llama.py")}
+
+
+def needs_pycache(env: dict[str, str], python: str | None = None, probes: dict | None = None) -> bool:
+    """True when a cell run by this Python would read no bytecode and write none: PYTHONDONTWRITEBYTECODE
+    set, no PYTHONPYCACHEPREFIX of the environment's own, and one of the probe files of torch or
+    transformers installed without its .pyc. Another Python (--python: vLLM's venv, which pip
+    compiled) is left as it is."""
+    if not env.get("PYTHONDONTWRITEBYTECODE") or env.get("PYTHONPYCACHEPREFIX"):
+        return False
+    if python is not None and os.path.realpath(python) != os.path.realpath(sys.executable):
+        return False
+    import importlib.util
+
+    for package, files in (BYTECODE_PROBES if probes is None else probes).items():
+        spec = importlib.util.find_spec(package)  # a top-level package: located, not imported
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = list(spec.submodule_search_locations)[0]
+        for name in files:
+            source = os.path.join(root, name)
+            if os.path.exists(source) and not os.path.exists(importlib.util.cache_from_source(source)):
+                return True
+    return False
 
 
 def log(msg: str) -> None:
@@ -204,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             env[pause.ROOT_ENV] = str(os.getpid())  # after execve run-cell keeps this pid: the root
             pause.register(cputime.registry(env[cputime.ENV]))
     if args.runner == "local":  # this environment's own settings win
-        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str((results_dir / INDUCTOR_CACHE).resolve()))
-        env.setdefault("TRITON_CACHE_DIR", str((results_dir / TRITON_CACHE).resolve()))
+        extra = local_cache_env(env, results_dir, python)
+        if "PYTHONPYCACHEPREFIX" in extra:
+            log(f"{out}: this Python has no bytecode for torch and PYTHONDONTWRITEBYTECODE is set: "
+                f"bytecode cached under {extra['PYTHONPYCACHEPREFIX']}")
+        env.update(extra)
     cpus: tuple[int, ...] = ()
     cpu_fds: tuple[int, ...] = ()
     if not args.gpus and args.cpus:
