@@ -130,25 +130,30 @@ def test_local_cpu_cell_unregisters_its_pause_root_when_it_ends(tmp_path):
 
 def test_bytecode_cache_only_where_the_environment_has_none_and_may_not_write_it(monkeypatch, tmp_path):
     """A local cell gets results/cache/pycache (PYTHONPYCACHEPREFIX) when PYTHONDONTWRITEBYTECODE is set
-    and the probed package was installed without bytecode; never when the environment has bytecode,
-    may write it, names its own prefix, or the cell runs another Python."""
+    and over 10% of the probed modules have no bytecode; never when the environment has it, may write
+    it, names its own prefix, or the cell runs another Python."""
     import py_compile
 
     pkg = tmp_path / "site" / "kvprobe_pkg"
     (pkg / "sub").mkdir(parents=True)
-    for f in ("__init__.py", "sub/mod.py"):
-        (pkg / f).write_text("x = 1\n")
+    sources = [pkg / "__init__.py"] + [pkg / "sub" / f"m{i}.py" for i in range(9)]
+    for f in sources:
+        f.write_text("x = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    probes = {"kvprobe_pkg": ("__init__.py", "sub/mod.py"), "kvprobe_absent": ("__init__.py",)}
+    probes = {"kvprobe_pkg": ("", "sub", "absent"), "kvprobe_absent": ("",)}
     no_write = {"PYTHONDONTWRITEBYTECODE": "1"}
+    assert launch.missing_bytecode(probes) == 1.0
     assert launch.needs_pycache(no_write, probes=probes)
     assert not launch.needs_pycache({}, probes=probes)  # Python writes its own __pycache__
     assert not launch.needs_pycache({"PYTHONDONTWRITEBYTECODE": ""}, probes=probes)
     assert not launch.needs_pycache({**no_write, "PYTHONPYCACHEPREFIX": "/mine"}, probes=probes)
     assert not launch.needs_pycache(no_write, python="/usr/bin/true", probes=probes)
-    py_compile.compile(str(pkg / "__init__.py"))
-    assert launch.needs_pycache(no_write, probes=probes)  # sub/mod.py still has none
-    py_compile.compile(str(pkg / "sub" / "mod.py"))
+    for f in sources[:8]:
+        py_compile.compile(str(f))
+    assert launch.missing_bytecode(probes) == 0.2
+    assert launch.needs_pycache(no_write, probes=probes)
+    py_compile.compile(str(sources[8]))
+    assert launch.missing_bytecode(probes) == 0.1  # not above the threshold
     assert not launch.needs_pycache(no_write, probes=probes)
 
     monkeypatch.setattr(launch, "needs_pycache", lambda env, python=None: True)

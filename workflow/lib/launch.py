@@ -46,7 +46,7 @@ CELL_MODULE = ("-m", "frameworks.harness.run_cell")
 INDUCTOR_CACHE = "cache/torchinductor"
 TRITON_CACHE = "cache/triton"
 # Python's bytecode for a local cell whose environment has none and may not write it
-# (PYTHONDONTWRITEBYTECODE set, torch installed without __pycache__, as on the H200 machine): there
+# (PYTHONDONTWRITEBYTECODE set, torch / transformers installed without it, as on the H200 machine): there
 # every cell process compiles torch's and transformers' ~3600 modules from source, 10-13 s of an 8B
 # cell's start against 3.4 s from bytecode (results/reference/h200-2026-12-04/). Such a cell gets a
 # bytecode cache here instead (PYTHONPYCACHEPREFIX), outside the environment's tree.
@@ -69,32 +69,45 @@ def local_cache_env(env: dict[str, str], results_dir: Path, python: str | None =
     return out
 
 
-# files whose bytecode tells whether an environment was installed with it (found without importing)
-BYTECODE_PROBES = {"torch": ("__init__.py", "_tensor.py", "nn/modules/module.py"),
-                   "transformers": ("__init__.py", "modeling_utils.py", "models/llama/modeling_llama.py")}
+# folders whose modules' bytecode tells whether an environment has it (listed, never imported): the
+# packages an 8B cell spends its import time in; an environment built without bytecode and imported
+# once with writes on has it for what that import touched only (torch/__init__, not Inductor's)
+BYTECODE_PROBES = {"torch": ("", "nn/modules", "_dynamo", "_inductor", "_inductor/codegen"),
+                   "transformers": ("", "utils", "integrations", "generation", "models/llama")}
+BYTECODE_MISSING = 0.1  # above this fraction of the probed modules without bytecode: cache it
 
 
-def needs_pycache(env: dict[str, str], python: str | None = None, probes: dict | None = None) -> bool:
-    """True when a cell run by this Python would read no bytecode and write none: PYTHONDONTWRITEBYTECODE
-    set, no PYTHONPYCACHEPREFIX of the environment's own, and one of the probe files of torch or
-    transformers installed without its .pyc. Another Python (--python: vLLM's venv, which pip
-    compiled) is left as it is."""
-    if not env.get("PYTHONDONTWRITEBYTECODE") or env.get("PYTHONPYCACHEPREFIX"):
-        return False
-    if python is not None and os.path.realpath(python) != os.path.realpath(sys.executable):
-        return False
+def missing_bytecode(probes: dict | None = None) -> float:
+    """The fraction of the probed folders' modules (*.py) that have no bytecode for this Python."""
     import importlib.util
 
-    for package, files in (BYTECODE_PROBES if probes is None else probes).items():
+    total = missing = 0
+    for package, folders in (BYTECODE_PROBES if probes is None else probes).items():
         spec = importlib.util.find_spec(package)  # a top-level package: located, not imported
         if spec is None or not spec.submodule_search_locations:
             continue
         root = list(spec.submodule_search_locations)[0]
-        for name in files:
-            source = os.path.join(root, name)
-            if os.path.exists(source) and not os.path.exists(importlib.util.cache_from_source(source)):
-                return True
-    return False
+        for folder in folders:
+            d = os.path.join(root, folder)
+            try:
+                sources = [n for n in os.listdir(d) if n.endswith(".py")]
+            except OSError:
+                continue
+            total += len(sources)
+            missing += sum(not os.path.exists(importlib.util.cache_from_source(os.path.join(d, n))) for n in sources)
+    return missing / total if total else 0.0
+
+
+def needs_pycache(env: dict[str, str], python: str | None = None, probes: dict | None = None) -> bool:
+    """True when a cell run by this Python would compile much of torch and transformers from source
+    in every process: PYTHONDONTWRITEBYTECODE set, no PYTHONPYCACHEPREFIX of the environment's own,
+    and more than BYTECODE_MISSING of the probed modules without bytecode. Another Python (--python:
+    vLLM's venv, which pip compiled) is left as it is."""
+    if not env.get("PYTHONDONTWRITEBYTECODE") or env.get("PYTHONPYCACHEPREFIX"):
+        return False
+    if python is not None and os.path.realpath(python) != os.path.realpath(sys.executable):
+        return False
+    return missing_bytecode(probes) > BYTECODE_MISSING
 
 
 def log(msg: str) -> None:
@@ -254,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.runner == "local":  # this environment's own settings win
         extra = local_cache_env(env, results_dir, python)
         if "PYTHONPYCACHEPREFIX" in extra:
-            log(f"{out}: this Python has no bytecode for torch and PYTHONDONTWRITEBYTECODE is set: "
-                f"bytecode cached under {extra['PYTHONPYCACHEPREFIX']}")
+            log(f"{out}: {missing_bytecode():.0%} of torch's and transformers' probed modules have no bytecode "
+                f"and PYTHONDONTWRITEBYTECODE is set: bytecode cached under {extra['PYTHONPYCACHEPREFIX']}")
         env.update(extra)
     cpus: tuple[int, ...] = ()
     cpu_fds: tuple[int, ...] = ()
