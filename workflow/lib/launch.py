@@ -47,9 +47,9 @@ INDUCTOR_CACHE = "cache/torchinductor"
 TRITON_CACHE = "cache/triton"
 # Python's bytecode for a local cell whose environment has none and may not write it
 # (PYTHONDONTWRITEBYTECODE set, torch / transformers installed without it, as on the H200 machine): there
-# every cell process compiles torch's and transformers' ~3600 modules from source, 10-13 s of an 8B
-# cell's start against 3.4 s from bytecode (results/reference/h200-2026-12-04/). Such a cell gets a
-# bytecode cache here instead (PYTHONPYCACHEPREFIX), outside the environment's tree.
+# every cell process compiles from source what of them has no bytecode, and the imports take 10-13 s
+# of an 8B cell's start against 3.4 s from a bytecode cache (results/reference/h200-2026-12-04/). Such a
+# cell gets that cache here (PYTHONPYCACHEPREFIX), outside the environment's tree.
 PYCACHE = "cache/pycache"
 WORKDIR = "/work"  # the images' WORKDIR; results/ is mounted at /work/results
 GRACE_S = 300  # on top of the cell's own time limit: image start, model build, result write
