@@ -162,3 +162,26 @@ def test_bytecode_cache_only_where_the_environment_has_none_and_may_not_write_it
     assert env["PYTHONDONTWRITEBYTECODE"] == ""  # empty: Python writes bytecode
     monkeypatch.setattr(launch, "needs_pycache", lambda env, python=None: False)
     assert "PYTHONPYCACHEPREFIX" not in launch.local_cache_env(no_write, tmp_path / "results")
+
+
+def test_local_cell_without_bytecode_gets_the_cache_and_a_log_line(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def execve(path, argv, env):  # the CPU cell's exec: stop here
+        seen.update(env=env)
+        raise SystemExit(0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launch.os, "execve", execve)
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    monkeypatch.setattr(launch, "missing_bytecode", lambda probes=None: 0.5)
+    with pytest.raises(SystemExit):
+        launch.main(["--runner", "local", "--", "--spec", "{}", "--out", "x.json"])
+    assert seen["env"]["PYTHONPYCACHEPREFIX"] == str(tmp_path / "results" / launch.PYCACHE)
+    assert seen["env"]["PYTHONDONTWRITEBYTECODE"] == ""
+    assert "50% of torch's and transformers' probed modules have no bytecode" in capsys.readouterr().err
+    monkeypatch.setattr(launch, "missing_bytecode", lambda probes=None: 0.0)
+    with pytest.raises(SystemExit):
+        launch.main(["--runner", "local", "--", "--spec", "{}", "--out", "x.json"])
+    assert "PYTHONPYCACHEPREFIX" not in seen["env"] and seen["env"]["PYTHONDONTWRITEBYTECODE"] == "1"
