@@ -461,7 +461,7 @@ def run_overhead(ctx: Ctx, batch: int, cache: str = "fresh", compile: str | None
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir.resolve()), **extra_env)
     pycache = launch.needs_pycache(env)
     if pycache:
-        env.update(PYTHONPYCACHEPREFIX=str(pycache_dir.resolve()), PYTHONDONTWRITEBYTECODE="")
+        env.update(launch.bytecode_env(pycache_dir))
     cell_alloc = os.environ.get("KVSTUDY_CELL_ALLOC_CONF")
     if cell_alloc is not None:
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)

@@ -64,9 +64,14 @@ def local_cache_env(env: dict[str, str], results_dir: Path, python: str | None =
         if var not in env:
             out[var] = str((results_dir / sub).resolve())
     if needs_pycache(env, python):
-        out["PYTHONPYCACHEPREFIX"] = str((results_dir / PYCACHE).resolve())
-        out["PYTHONDONTWRITEBYTECODE"] = ""  # empty: Python writes bytecode (it tests for a non-empty value)
+        out.update(bytecode_env(results_dir / PYCACHE))
     return out
+
+
+def bytecode_env(prefix: Path) -> dict[str, str]:
+    """The variables that make a Python write and read its bytecode under prefix."""
+    # empty PYTHONDONTWRITEBYTECODE: Python writes bytecode (it tests for a non-empty value)
+    return {"PYTHONPYCACHEPREFIX": str(prefix.resolve()), "PYTHONDONTWRITEBYTECODE": ""}
 
 
 # folders whose modules' bytecode tells whether an environment has it (listed, never imported): the
