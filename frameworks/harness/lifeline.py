@@ -10,6 +10,11 @@ command (`docker rm --force <name>`: a container does not die with its client) a
 supervisor's temp dir. A supervisor that finishes normally says "done" first and the watchdog
 leaves quietly. Pure Python and idle, the watchdog reacts even when the cell hangs in a kernel.
 
+The watchdog can be started before the child (`guard()` with no group, then `watch(pid)`), so
+that no moment exists in which the temp dir or the container has a child but no watchdog: a kill
+before `watch` leaves the child to PR_SET_PDEATHSIG (`die_with_parent`) and the watchdog still
+removes the dir and runs the cleanup. The supervisor releases only after it has removed its dir.
+
 Temp dirs of supervisors killed so hard that their watchdog died too (`kill -9 -1`, a lost
 node) are removed by the next cell (`sweep_stale`): each supervisor holds a lock on a file in
 its dir while it lives; a dir whose lock can be taken has no owner left.
@@ -36,6 +41,10 @@ class Lifeline:
     def __init__(self, fd: int, watchdog: subprocess.Popen):
         self.fd, self.watchdog = fd, watchdog
 
+    def watch(self, pgid: int) -> None:
+        """Add process group `pgid` to what the watchdog kills when this process dies."""
+        os.write(self.fd, f"{pgid}\n".encode())
+
     def release(self) -> None:
         """The supervisor has finished its group itself: the watchdog leaves without killing."""
         if self.fd < 0:
@@ -48,10 +57,11 @@ class Lifeline:
         self.watchdog.wait()
 
 
-def guard(pgid: int, cleanup: list[str] | None = None, remove: str | Path | None = None) -> Lifeline:
-    """Kill process group `pgid` (then run `cleanup`, remove `remove`) when this process dies."""
+def guard(pgid: int | None = None, cleanup: list[str] | None = None, remove: str | Path | None = None) -> Lifeline:
+    """Kill process group `pgid` (and those given to `watch`), then run `cleanup` and remove
+    `remove`, when this process dies."""
     r, w = os.pipe()  # not inheritable: only this process holds the write end
-    argv = [sys.executable, "-m", "frameworks.harness.lifeline", str(pgid)]
+    argv = [sys.executable, "-m", "frameworks.harness.lifeline"] + ([str(pgid)] if pgid is not None else [])
     if remove:
         argv += ["--remove", str(remove)]
     if cleanup:
@@ -133,17 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)  # after `--`: the cleanup command
     ap = argparse.ArgumentParser(prog="lifeline", description="watchdog of a cell's process group (see guard())")
-    ap.add_argument("pgid", type=int)
+    ap.add_argument("pgid", type=int, nargs="?", help="a group to kill (more arrive on stdin, one per line)")
     ap.add_argument("--remove", help="directory to remove once the group is dead")
     args = ap.parse_args(argv[:cut])
     args.cleanup = argv[cut + 1:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    if sys.stdin.buffer.read() == DONE:  # blocks until the supervisor closes its end
+    said = sys.stdin.buffer.read().split()  # blocks until the supervisor closes its end
+    if said[-1:] == [DONE]:
         return 0
-    try:
-        os.killpg(args.pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    for pgid in ([args.pgid] if args.pgid is not None else []) + [int(t) for t in said if t.isdigit()]:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     if args.cleanup:
         try:
             subprocess.run(args.cleanup, capture_output=True, timeout=120)

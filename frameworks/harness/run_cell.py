@@ -47,38 +47,42 @@ def _main(argv: list[str]) -> int:
         return 2
 
     started = now()
-    with lifeline.make_temp_dir() as td:
-        record_path = Path(td) / "record.json"
-        cmd = [sys.executable, "-m", "frameworks.harness.worker", "--spec", spec.to_json(),
-               "--record", str(record_path), "--threads", str(args.threads)]
-        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=lifeline.die_with_parent)
-        # if this process is killed (even by SIGKILL), the worker's group and the temp dir go too
-        line = lifeline.guard(proc.pid, remove=td)
+    line = None
+    try:
+        with lifeline.make_temp_dir() as td:
+            # the watchdog first: if this process is killed (even by SIGKILL) from here on, the temp
+            # dir goes, and from `watch` on the worker's group too (before it, PR_SET_PDEATHSIG kills it)
+            line = lifeline.guard(remove=td)
+            record_path = Path(td) / "record.json"
+            cmd = [sys.executable, "-m", "frameworks.harness.worker", "--spec", spec.to_json(),
+                   "--record", str(record_path), "--threads", str(args.threads)]
+            proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=lifeline.die_with_parent)
+            line.watch(proc.pid)
 
-        def forward(signum, _frame):  # interrupted: stop the cell, write nothing
-            kill_group(proc)
-            line.release()
-            sys.exit(128 + signum)
+            def forward(signum, _frame):  # interrupted: stop the cell, write nothing
+                kill_group(proc)
+                sys.exit(128 + signum)
 
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        try:
-            rc = proc.wait(timeout=spec.timeout_s)
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
+            signal.signal(signal.SIGTERM, forward)
+            signal.signal(signal.SIGINT, forward)
+            try:
+                rc = proc.wait(timeout=spec.timeout_s)
+            except subprocess.TimeoutExpired:
+                kill_group(proc)
+                record = result.build(spec.to_dict(), spec.cell_id, "timeout",
+                                      f"cell exceeded its time limit of {spec.timeout_s:g} s",
+                                      provenance.collect(spec.seed, with_gpu=False, gpu_memory_cap_gb=spec.gpu_memory_gb), started, now())
+            else:
+                if rc != 0 or not record_path.exists():
+                    print(f"run-cell: the cell's process failed (exit {rc}); no result written", file=sys.stderr)
+                    return 1
+                record = json.loads(record_path.read_text())
+                if record["status"] == "error":
+                    print(f"run-cell: the cell failed: {record['message']}; no result written", file=sys.stderr)
+                    return 1
+    finally:  # only once the temp dir is gone: a kill before this still has the watchdog remove it
+        if line is not None:
             line.release()
-            record = result.build(spec.to_dict(), spec.cell_id, "timeout",
-                                  f"cell exceeded its time limit of {spec.timeout_s:g} s",
-                                  provenance.collect(spec.seed, with_gpu=False, gpu_memory_cap_gb=spec.gpu_memory_gb), started, now())
-        else:
-            line.release()
-            if rc != 0 or not record_path.exists():
-                print(f"run-cell: the cell's process failed (exit {rc}); no result written", file=sys.stderr)
-                return 1
-            record = json.loads(record_path.read_text())
-            if record["status"] == "error":
-                print(f"run-cell: the cell failed: {record['message']}; no result written", file=sys.stderr)
-                return 1
     record["provenance"]["command"] = [sys.executable, "-m", "frameworks.harness.run_cell", *argv]
     record["started_at"], record["ended_at"] = started, now()
     result.validate(record, where=args.out)

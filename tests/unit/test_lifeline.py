@@ -82,3 +82,36 @@ def tempfile_dir(tmp: Path, name: str) -> Path:
     (d / lifeline.LOCK_NAME).touch()
     (d / "record.json").write_text("{}")
     return d
+
+
+EARLY = """
+import subprocess, sys, time
+from frameworks.harness import lifeline
+line = lifeline.guard(cleanup=["touch", sys.argv[1]], remove=sys.argv[2])  # before any child
+if sys.argv[3] == "watch":
+    kids = [subprocess.Popen(["sleep", "600"], start_new_session=True) for _ in range(2)]  # only `watch` kills these
+    for k in kids:
+        line.watch(k.pid)
+    print(*[k.pid for k in kids], flush=True)
+else:
+    print(flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_watchdog_started_before_the_child_cleans_up_at_any_moment(tmp_path):
+    """Killed before any child was started, the dir still goes and the cleanup runs; killed after
+    `watch`, every watched group dies too (run_cell and the launcher start the watchdog first)."""
+    for mode in ("none", "watch"):
+        marker, scratch = tmp_path / f"cleaned-{mode}", tmp_path / f"scratch-{mode}"
+        scratch.mkdir()
+        sup = subprocess.Popen([sys.executable, "-c", EARLY, str(marker), str(scratch), mode], cwd=REPO,
+                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        kids = [int(p) for p in sup.stdout.readline().split()]
+        assert len(kids) == (2 if mode == "watch" else 0) and all(alive(k) for k in kids)
+        sup.send_signal(signal.SIGKILL)
+        sup.wait()
+        deadline = time.time() + 5
+        while time.time() < deadline and (any(alive(k) for k in kids) or not marker.exists() or scratch.exists()):
+            time.sleep(0.05)
+        assert not any(alive(k) for k in kids) and marker.exists() and not scratch.exists(), mode

@@ -196,8 +196,11 @@ def run(argv: list[str], env: dict[str, str], timeout_s: float, on_stop, pass_fd
 
     If this process is killed outright (SIGKILL), the lifeline kills argv's group and runs
     `cleanup` (removes the container, which does not die with its docker client)."""
-    proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, start_new_session=True)
-    line = lifeline.guard(proc.pid, cleanup=cleanup)
+    # the watchdog before the child: no moment in which a child runs unwatched (until `watch`, the
+    # kernel kills the child with this process, and the watchdog still runs `cleanup`)
+    line = lifeline.guard(cleanup=cleanup)
+    proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, start_new_session=True, preexec_fn=lifeline.die_with_parent)
+    line.watch(proc.pid)
 
     def stop(signum, _frame):
         log(f"interrupted (signal {signum}): stopping the cell")
